@@ -195,7 +195,7 @@ def build_efficientnet_lite0(path: Path) -> None:
             opset_version=OPSET,
             input_names=["input"],
             output_names=["probabilities"],
-            dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+            dynamic_axes={"input": {0: "N"}, "probabilities": {0: "N"}},
         )
     onx = onnx.load(str(tmp))
     tmp.unlink()
@@ -369,6 +369,7 @@ def keras_reference(config: dict, weights: dict):
     keras.applications names the layers differently (res2a_branch2a -> conv2_block1_1_conv)
     and uses a smaller BatchNormalization epsilon than the Keras 2.2.4 that made these weights.
     """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     import keras
 
     model = keras.applications.ResNet50(weights=None)
