@@ -1,0 +1,111 @@
+"""TensorFlow Serving's gRPC API (port 8500) over a Servable, with the protos from
+tensorflow-serving-api: PredictionService (Predict, GetModelMetadata) and ModelService
+(GetModelStatus). Errors abort the call with TensorFlow Serving's status code and message.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from batching import Scheduler
+from servable import Servable, ServingError, invalid
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+
+def requested_version(model_spec) -> int | None:
+    return model_spec.version.value if model_spec.HasField("version") else None
+
+
+def to_array(name: str, proto, expected_dtype: int, position: int) -> np.ndarray:
+    if proto.dtype != expected_dtype:
+        want = tf.dtypes.as_dtype(expected_dtype).name
+        got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "invalid"
+        raise invalid(f"Expects arg[{position}] to be {want} but {got} is provided")
+    try:
+        return tf.make_ndarray(proto)
+    except (ValueError, TypeError) as exc:
+        raise invalid(f"tensor parsing error: {name} ({exc})") from None
+
+
+def to_tensor_proto(array: np.ndarray):
+    """float_val, like TensorFlow Serving's AsProtoField: clients may read .float_val directly."""
+    if array.dtype != np.float32:
+        return tf.make_tensor_proto(array)
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tf.TensorShape(array.shape).as_proto(),
+        float_val=array.ravel().tolist(),
+    )
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, servable: Servable, scheduler: Scheduler):
+        self.servable = servable
+        self.scheduler = scheduler
+
+    async def Predict(self, request, context):
+        spec = request.model_spec
+        try:
+            self.servable.check_spec(spec.name, requested_version(spec))
+            key, sig = self.servable.signature(spec.signature_name)
+            if set(request.inputs) == set(sig.inputs):
+                order = sorted(sig.inputs)
+                inputs = {
+                    k: to_array(k, request.inputs[k], sig.inputs[k].dtype, order.index(k))
+                    for k in order
+                }
+            else:  # let validate() word the name mismatch
+                inputs = {k: np.zeros(0) for k in request.inputs}
+            outputs = await self.scheduler.predict(key, self.servable.validate(sig, inputs))
+        except ServingError as exc:
+            await context.abort(exc.code, exc.message)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.CopyFrom(self.servable.model_spec(key))
+        for name, value in outputs.items():
+            response.outputs[name].CopyFrom(to_tensor_proto(value))
+        return response
+
+    async def GetModelMetadata(self, request, context):
+        spec = request.model_spec
+        try:
+            self.servable.check_spec(spec.name, requested_version(spec))
+            if not request.metadata_field:
+                raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
+            unsupported = [f for f in request.metadata_field if f != "signature_def"]
+            if unsupported:
+                raise invalid(f"Metadata field {unsupported[0]} is not supported")
+        except ServingError as exc:
+            await context.abort(exc.code, exc.message)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.CopyFrom(self.servable.model_spec())
+        response.metadata["signature_def"].Pack(self.servable.signature_def_map())
+        return response
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, servable: Servable):
+        self.servable = servable
+
+    async def GetModelStatus(self, request, context):
+        spec = request.model_spec
+        try:
+            return self.servable.status_proto(spec.name, requested_version(spec))
+        except ServingError as exc:
+            await context.abort(exc.code, exc.message)
+
+
+def create_server(servable: Servable, scheduler: Scheduler, port: int) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(servable, scheduler), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(servable), server)
+    server.add_insecure_port(f"0.0.0.0:{port}")
+    return server

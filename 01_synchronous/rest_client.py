@@ -1,0 +1,106 @@
+"""A small client for TensorFlow Serving's REST API (standard library only).
+
+    python rest_client.py status
+    python rest_client.py metadata
+    python rest_client.py predict --rows '[[5.1, 3.5, 1.4, 0.2]]' [--columnar]
+
+Host and port come from --host/--port or TF_SERVING_HOST / TF_SERVING_REST_PORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+SAMPLE_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]
+
+
+class ServingError(Exception):
+    """A non-2xx answer: the HTTP status and TensorFlow Serving's `error` message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class RestClient:
+    def __init__(self, host: str, port: int, model: str = "iris", timeout: float = 10.0):
+        self.base = f"http://{host}:{port}/v1/models/{model}"
+        self.timeout = timeout
+
+    def _url(self, version: int | None, suffix: str = "") -> str:
+        return self.base + (f"/versions/{version}" if version is not None else "") + suffix
+
+    def _call(self, url: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            try:
+                message = json.loads(payload)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = payload.decode(errors="replace")
+            raise ServingError(exc.code, message) from None
+
+    def status(self, version: int | None = None) -> dict:
+        return self._call(self._url(version))
+
+    def metadata(self, version: int | None = None) -> dict:
+        return self._call(self._url(version, "/metadata"))
+
+    def predict_raw(self, body: dict, version: int | None = None) -> dict:
+        return self._call(self._url(version, ":predict"), body)
+
+    def predict(
+        self, rows: list, version: int | None = None, columnar: bool = False, signature_name=None
+    ) -> list:
+        """Row format (`instances` -> `predictions`) or columnar (`inputs` -> `outputs`)."""
+        body = {"inputs": {"input": rows}} if columnar else {"instances": rows}
+        if signature_name:
+            body["signature_name"] = signature_name
+        answer = self.predict_raw(body, version)
+        return answer["outputs"] if columnar else answer["predictions"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="TensorFlow Serving REST client")
+    parser.add_argument("command", choices=["status", "metadata", "predict"])
+    parser.add_argument("--host", default=os.environ.get("TF_SERVING_HOST", "localhost"))
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("TF_SERVING_REST_PORT", "8501"))
+    )
+    parser.add_argument("--model", default="iris")
+    parser.add_argument("--version", type=int, default=None)
+    parser.add_argument("--rows", type=json.loads, default=SAMPLE_ROWS, help="JSON list of rows")
+    parser.add_argument("--columnar", action="store_true", help="send `inputs`, not `instances`")
+    args = parser.parse_args(argv)
+    client = RestClient(args.host, args.port, args.model)
+    try:
+        if args.command == "status":
+            result = client.status(args.version)
+        elif args.command == "metadata":
+            result = client.metadata(args.version)
+        else:
+            key = "outputs" if args.columnar else "predictions"
+            result = {key: client.predict(args.rows, args.version, args.columnar)}
+    except ServingError as exc:
+        print(json.dumps({"status": exc.status, "error": exc.message}), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cannot reach {client.base}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
