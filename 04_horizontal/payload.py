@@ -1,0 +1,68 @@
+"""What a prediction request carries, checked in one place: {"data": [[4 finite numbers], ...]}.
+
+The proxy validates once, before any fan-out; a service validates too, because it can be called
+on its own. Both answer 422 {"error": "..."} for a body this module rejects.
+"""
+
+import json
+import math
+
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+SAMPLE = [[5.1, 3.5, 1.4, 0.2]]  # a setosa flower, for the */test endpoints and the docs
+MAX_ROWS = 1_000  # bounds the work one request can ask for
+FLOAT32_MAX = 3.4028234663852886e38  # the models take float32: larger values would become inf
+
+INPUT_SCHEMA = {
+    "data_type": "float32",
+    "data_structure": "(rows, 4)",
+    "features": list(FEATURES),
+    "data_sample": SAMPLE,
+    "max_rows": MAX_ROWS,
+}
+
+
+class BadInput(ValueError):
+    """The request body is not {"data": [[4 finite numbers], ...]}."""
+
+
+def parse_rows(body: bytes) -> list[list[float]]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadInput('body must be JSON: {"data": [[4 numbers], ...]}') from None
+    if not isinstance(payload, dict) or "data" not in payload:
+        raise BadInput('expected {"data": [[4 numbers], ...]}')
+    rows = payload["data"]
+    if not isinstance(rows, list) or not rows:
+        raise BadInput('"data" must be a non-empty list of rows')
+    if len(rows) > MAX_ROWS:
+        raise BadInput(f'"data" has {len(rows)} rows; at most {MAX_ROWS} per request')
+    return [_row(i, row) for i, row in enumerate(rows)]
+
+
+def _row(index: int, row: object) -> list[float]:
+    if not isinstance(row, list) or len(row) != len(FEATURES):
+        raise BadInput(f"row {index}: expected a list of {len(FEATURES)} numbers")
+    values = []
+    for value in row:
+        # bool is an int in Python, and json.loads accepts NaN and Infinity: refuse all three.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadInput(f"row {index}: {json.dumps(value)} is not a number")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+            raise BadInput(f"row {index}: {json.dumps(value)} is not a finite float32")
+        values.append(number)
+    return values
+
+
+def one_or_many(per_row: list) -> object:
+    """The specification's shape: a single row answers with its value, several rows with a list."""
+    return per_row[0] if len(per_row) == 1 else per_row
+
+
+def per_row(answer: object, rows: int) -> list:
+    """The inverse of one_or_many, for a caller that knows how many rows it sent."""
+    return [answer] if rows == 1 else list(answer)

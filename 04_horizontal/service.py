@@ -1,0 +1,126 @@
+"""One specialised model service: "how likely is this flower to be <MODE>?"
+
+The same app runs three times, selected by MODE=setosa|versicolor|virginica. Each instance loads
+its own one-vs-rest model, iris_svc_0_<MODE>.onnx, whose column 0 is P(that class) and column 1
+is P(not that class). The proxy (proxy.py) asks all of them at once and keeps the most likely.
+
+    MODE=setosa PORT=8000 python service.py
+"""
+
+import asyncio
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from payload import INPUT_SCHEMA, SAMPLE, BadInput, one_or_many, parse_rows
+from serving import ServerSettings, bad_input, serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+log = logging.getLogger("service")
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    model_dir: Path
+    # Tests only: every prediction waits this long first, so that "the proxy calls the services
+    # in parallel" shows up as one delay rather than three. Leave at 0 anywhere else.
+    test_delay_s: float
+    server: ServerSettings
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            mode=os.environ.get("MODE", "setosa"),
+            model_dir=Path(os.environ.get("MODEL_DIR", "../models")),
+            test_delay_s=float(os.environ.get("TEST_DELAY_MS", "0")) / 1000,
+            server=ServerSettings.from_env(default_port=8000),
+        )
+
+    @property
+    def model_path(self) -> Path:
+        return self.model_dir / f"iris_svc_0_{self.mode}.onnx"
+
+
+class BinaryClassifier:
+    """The ONNX model of one class: rows of 4 features -> [P(class), P(not class)] per row."""
+
+    def __init__(self, path: Path):
+        options = ort.SessionOptions()
+        # A tiny SVC runs in about 10 microseconds: extra threads would only add wake-up latency
+        # and compete with the other services for the same cores.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def predict(self, rows: list[list[float]]) -> list[list[float]]:
+        (proba,) = self.session.run(["probabilities"], {"input": np.asarray(rows, np.float32)})
+        return np.round(proba.astype(np.float64), 6).tolist()
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        labels = json.loads((settings.model_dir / "label.json").read_text()).values()
+        if settings.mode not in labels:
+            raise RuntimeError(f"MODE={settings.mode!r} is not one of {sorted(labels)}")
+        app.state.model = BinaryClassifier(settings.model_path)
+        log.info("loaded %s for MODE=%s", settings.model_path, settings.mode)
+        yield
+
+    async def answer(request: Request, rows: list[list[float]]) -> JSONResponse:
+        if settings.test_delay_s:
+            await asyncio.sleep(settings.test_delay_s)
+        # Inline on the event loop: ~10 microseconds per call is cheaper than a thread hop.
+        proba = request.app.state.model.predict(rows)
+        return JSONResponse({"prediction": one_or_many(proba)})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"health": "ok"})
+
+    async def metadata(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "mode": settings.mode,
+                "model": settings.model_path.name,
+                "input": INPUT_SCHEMA,
+                "output": {
+                    "data_type": "float32",
+                    "data_structure": "(2,) for one row, (rows, 2) for several",
+                    "meaning": [f"P({settings.mode})", f"P(not {settings.mode})"],
+                },
+            }
+        )
+
+    async def predict(request: Request) -> JSONResponse:
+        return await answer(request, parse_rows(await request.body()))
+
+    async def predict_test(request: Request) -> JSONResponse:
+        return await answer(request, SAMPLE)
+
+    routes = [
+        Route("/health", health),
+        Route("/metadata", metadata),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/predict/test", predict_test),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={BadInput: bad_input})
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    serve(create_app(settings), settings.server)
+
+
+if __name__ == "__main__":
+    main()

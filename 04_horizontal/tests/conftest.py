@@ -1,0 +1,134 @@
+"""Real processes on loopback: three services and a proxy, started on free ports, always killed."""
+
+import json
+import sys
+import threading
+import urllib.error
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from processes import Process, start_proxy, start_services, wait_healthy  # noqa: E402
+
+
+@dataclass
+class Cluster:
+    services: dict[str, Process]
+    proxy: Process
+
+
+@contextmanager
+def running_cluster(proxy_env: dict | None = None, env_for: dict | None = None, **service_env):
+    started = []
+    try:
+        services = start_services(env_for, ACCESS_LOG="0", **service_env)
+        started.extend(services.values())
+        urls = {name: process.url for name, process in services.items()}
+        proxy = start_proxy(urls, ACCESS_LOG="0", **(proxy_env or {}))
+        started.append(proxy)
+        wait_healthy(*started)
+        yield Cluster(services, proxy)
+    finally:
+        for process in started:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    # A generous timeout: the machine is shared, and these tests are about answers, not speed.
+    with running_cluster(proxy_env={"SERVICE_TIMEOUT_S": "5"}) as running:
+        yield running
+
+
+@pytest.fixture
+def cluster_with():
+    """A private cluster for a test that slows or kills its services."""
+    with ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(running_cluster(**kwargs))
+
+
+def call(url: str, body: object = None, method: str | None = None, timeout: float = 30):
+    """(status, JSON body) of one HTTP request; body is JSON-encoded unless it is bytes."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture
+def http():
+    return call
+
+
+class Recorder:
+    """A stand-in service that records every request and answers with a fixed status."""
+
+    def __init__(self, status: int = 200, body: dict | None = None):
+        self.requests: list[str] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the name http.server asks for)
+                self.answer()
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.answer()
+
+            def answer(self):
+                recorder.requests.append(f"{self.command} {self.path}")
+                payload = json.dumps(body or {"error": "broken on purpose"}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def recorder():
+    recorders = []
+
+    def make(**kwargs) -> Recorder:
+        recorders.append(Recorder(**kwargs))
+        return recorders[-1]
+
+    yield make
+    for item in recorders:
+        item.close()
+
+
+@pytest.fixture
+def proxy_for():
+    """A proxy alone, in front of whatever services a test names."""
+    started = []
+
+    def make(services: dict[str, str], **env) -> Process:
+        started.append(start_proxy(services, ACCESS_LOG="0", **env))
+        wait_healthy(started[-1])
+        return started[-1]
+
+    yield make
+    for process in started:
+        process.kill()

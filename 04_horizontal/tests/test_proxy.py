@@ -1,0 +1,164 @@
+"""The proxy in front of the three services: fan-out, aggregation, and partial failure."""
+
+import csv
+import json
+import time
+
+import pytest
+from processes import CLASSES, HERE, free_port, wait_healthy
+
+SETOSA = [5.1, 3.5, 1.4, 0.2]
+
+
+def iris() -> tuple[list[list[float]], list[str]]:
+    labels = json.loads((HERE.parent / "models" / "label.json").read_text())
+    with open(HERE.parent / "models" / "iris.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    features = [[float(r[k]) for k in list(r)[:4]] for r in rows]
+    return features, [labels[r["target"]] for r in rows]
+
+
+def test_health_and_health_of_every_service(cluster, http):
+    assert http(cluster.proxy.url + "/health") == (200, {"health": "ok"})
+    status, body = http(cluster.proxy.url + "/health/all")
+    assert status == 200
+    assert body == {name: {"health": "ok"} for name in CLASSES}
+
+
+def test_metadata_lists_the_configured_services(cluster, http):
+    status, body = http(cluster.proxy.url + "/metadata")
+    assert status == 200
+    assert body["services"] == {name: s.url for name, s in cluster.services.items()}
+    assert body["input"]["data_structure"] == "(rows, 4)"
+
+
+def test_predict_returns_every_service_output_keyed_by_name(cluster, http):
+    status, body = http(cluster.proxy.url + "/predict", {"data": [SETOSA]})
+    assert status == 200
+    assert set(body) == set(CLASSES)
+    assert all(len(body[name]["prediction"]) == 2 for name in CLASSES)
+    assert body["setosa"]["prediction"][0] > 0.9
+
+
+def test_get_and_post_test_endpoints_answer_for_every_service(cluster, http):
+    for status, body in (
+        http(cluster.proxy.url + "/predict/get/test"),
+        http(cluster.proxy.url + "/predict/post/test", b""),
+    ):
+        assert status == 200
+        assert set(body) == set(CLASSES)
+
+
+def test_label_is_right_for_at_least_95_percent_of_iris(cluster, http):
+    features, truth = iris()
+    status, body = http(cluster.proxy.url + "/predict/label", {"data": features})
+    assert status == 200
+    predicted = [item["label"] for item in body["prediction"]]
+    accuracy = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
+    assert accuracy >= 0.95, accuracy
+
+
+def test_one_row_gets_one_label(cluster, http):
+    status, body = http(cluster.proxy.url + "/predict/label", {"data": [SETOSA]})
+    assert status == 200
+    assert body["prediction"]["label"] == "setosa"
+    assert 0.9 < body["prediction"]["proba"] <= 1
+    assert "missing" not in body
+
+
+def test_requests_go_to_all_services_in_parallel_not_one_after_another(cluster_with, http):
+    delay = 0.6
+    slow = cluster_with(TEST_DELAY_MS=str(int(delay * 1000)), proxy_env={"SERVICE_TIMEOUT_S": "10"})
+    elapsed = []
+    for _ in range(3):
+        started = time.perf_counter()
+        status, body = http(slow.proxy.url + "/predict/label", {"data": [SETOSA]})
+        elapsed.append(time.perf_counter() - started)
+        assert status == 200 and "missing" not in body
+    # One after another would take 3 delays (1.8 s); in parallel it is one delay plus overhead.
+    assert delay <= min(elapsed) < 2 * delay, elapsed
+
+
+def test_a_killed_service_is_named_and_full_answers_return_when_it_is_back(cluster_with, http):
+    running = cluster_with(proxy_env={"SERVICE_TIMEOUT_S": "2"})
+    proxy = running.proxy.url
+    virginica = running.services["virginica"]
+    virginica.kill()
+
+    started = time.perf_counter()
+    status, body = http(proxy + "/predict", {"data": [SETOSA]})
+    assert time.perf_counter() - started < 2 + 1  # within the per-service timeout, plus slack
+    assert status == 200
+    assert body["setosa"]["prediction"][0] > 0.9
+    assert set(body["virginica"]) == {"error"}
+
+    status, body = http(proxy + "/predict/label", {"data": [SETOSA]})
+    assert status == 200
+    assert body["prediction"]["label"] == "setosa"
+    assert list(body["missing"]) == ["virginica"]
+
+    status, body = http(proxy + "/health/all")
+    assert status == 200
+    assert body["virginica"]["health"] == "down"
+    assert body["setosa"] == {"health": "ok"}
+
+    virginica.spawn()  # the same service, same port
+    wait_healthy(virginica)
+    status, body = http(proxy + "/predict", {"data": [SETOSA]})
+    assert status == 200
+    assert all("prediction" in body[name] for name in CLASSES)
+    status, body = http(proxy + "/predict/label", {"data": [SETOSA]})
+    assert "missing" not in body
+
+
+def test_a_service_slower_than_its_timeout_is_named_and_the_others_answer(cluster_with, http):
+    running = cluster_with(
+        env_for={"virginica": {"TEST_DELAY_MS": "5000"}}, proxy_env={"SERVICE_TIMEOUT_S": "0.5"}
+    )
+    started = time.perf_counter()
+    status, body = http(running.proxy.url + "/predict/label", {"data": [SETOSA]})
+    assert time.perf_counter() - started < 3  # not the 5 s the slow service would take
+    assert status == 200
+    assert body["prediction"]["label"] == "setosa"
+    assert body["missing"] == {"virginica": "no answer within 0.5 s"}
+
+
+def test_a_service_that_answers_an_error_is_named(cluster, recorder, proxy_for, http):
+    broken = recorder(status=500)
+    proxy = proxy_for({"setosa": cluster.services["setosa"].url, "broken": broken.url})
+    status, body = http(proxy.url + "/predict", {"data": [SETOSA]})
+    assert status == 200
+    assert "prediction" in body["setosa"]
+    assert body["broken"]["error"].startswith("HTTP 500")
+    status, body = http(proxy.url + "/predict/label", {"data": [SETOSA]})
+    assert body["prediction"]["label"] == "setosa"
+    assert body["missing"]["broken"].startswith("HTTP 500")
+
+
+def test_when_no_service_answers_the_proxy_says_so_with_a_502(proxy_for, http):
+    proxy = proxy_for({name: f"http://127.0.0.1:{free_port()}" for name in CLASSES})
+    for path in ("/predict", "/predict/label"):
+        status, body = http(proxy.url + path, {"data": [SETOSA]})
+        assert status == 502
+        assert body["error"] == "no service answered"
+        assert set(body["missing"]) == set(CLASSES)
+    status, body = http(proxy.url + "/health/all")
+    assert status == 200
+    assert all(body[name]["health"] == "down" for name in CLASSES)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b'{"data": []}', b'{"data": [[1, 2, 3]]}', b'{"data": [[1, 2, 3, NaN]]}'],
+)
+def test_bad_input_is_a_422_and_no_service_is_called(recorder, proxy_for, http, body):
+    service = recorder(status=200, body={"prediction": [0.5, 0.5]})
+    proxy = proxy_for({"only": service.url})
+    for path in ("/predict", "/predict/label"):
+        status, answer = http(proxy.url + path, body)
+        assert status == 422
+        assert answer["error"]
+    assert service.requests == []
+    # The recorder is wired: a good request does reach it.
+    assert http(proxy.url + "/predict", {"data": [SETOSA]})[0] == 200
+    assert service.requests == ["POST /predict"]

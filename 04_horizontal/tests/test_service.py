@@ -1,0 +1,75 @@
+"""One specialised service on its own: health, metadata, predictions, and refusing bad input."""
+
+import subprocess
+import sys
+
+import pytest
+from processes import CLASSES, HERE
+
+SETOSA = [5.1, 3.5, 1.4, 0.2]
+VIRGINICA = [6.5, 3.0, 5.5, 2.0]
+
+
+def test_health_and_metadata_name_the_class(cluster, http):
+    for mode, service in cluster.services.items():
+        assert http(service.url + "/health") == (200, {"health": "ok"})
+        status, body = http(service.url + "/metadata")
+        assert status == 200
+        assert body["mode"] == mode
+        assert body["model"] == f"iris_svc_0_{mode}.onnx"
+
+
+def test_one_row_answers_one_pair(cluster, http):
+    status, body = http(cluster.services["setosa"].url + "/predict", {"data": [SETOSA]})
+    assert status == 200
+    p_class, p_not = body["prediction"]
+    assert p_class > 0.9
+    assert p_class + p_not == pytest.approx(1, abs=1e-5)
+
+
+def test_several_rows_answer_one_pair_per_row(cluster, http):
+    url = cluster.services["virginica"].url + "/predict"
+    status, body = http(url, {"data": [SETOSA, VIRGINICA, VIRGINICA]})
+    assert status == 200
+    assert len(body["prediction"]) == 3
+    assert [pair[0] > 0.5 for pair in body["prediction"]] == [False, True, True]
+
+
+def test_predict_test_uses_the_sample_row(cluster, http):
+    status, body = http(cluster.services["setosa"].url + "/predict/test")
+    assert status == 200
+    assert body["prediction"][0] > 0.9
+
+
+BAD_BODIES = [
+    b"not json",
+    b'{"rows": [[1, 2, 3, 4]]}',
+    b'{"data": []}',
+    b'{"data": [[1, 2, 3]]}',
+    b'{"data": [[1, 2, 3, "4"]]}',
+    b'{"data": [[1, 2, 3, true]]}',
+    b'{"data": [[1, 2, 3, NaN]]}',
+    b'{"data": [[1, 2, 3, 1e39]]}',
+    b'{"data": [[1, 2, 3, 1' + b"0" * 400 + b"]]}",
+    b'{"data": [' + b",".join([b"[1, 2, 3, 4]"] * 1001) + b"]}",
+]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES, ids=lambda body: body[:30].decode())
+def test_bad_input_is_a_422_with_a_message(cluster, http, body):
+    status, answer = http(cluster.services["setosa"].url + "/predict", body)
+    assert status == 422
+    assert answer["error"]
+
+
+def test_an_unknown_mode_stops_the_service_at_start_up():
+    result = subprocess.run(
+        [sys.executable, "service.py"],
+        cwd=HERE,
+        env={"MODE": "rose", "PORT": "0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "MODE='rose' is not one of " + str(sorted(CLASSES)) in result.stdout + result.stderr
