@@ -159,9 +159,11 @@ def build_efficientnet_lite0(path: Path) -> None:
 
     # The architecture wheel is imported from its unpacked copy: nothing is installed into .venv.
     src = CACHE / arch.name.removesuffix(".whl")
-    if not (src / "efficientnet_lite_pytorch").is_dir():
+    if not src.is_dir():
+        unpacked = tempfile.mkdtemp(dir=CACHE)
         with zipfile.ZipFile(arch) as z:
-            z.extractall(src, [n for n in z.namelist() if n.startswith("efficientnet_lite_pytorch/")])
+            z.extractall(unpacked)
+        os.replace(unpacked, src)  # all or nothing, like the downloads
     sys.path.insert(0, str(src))
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -357,7 +359,7 @@ class KerasToOnnx:
             [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 1000])],
             self.initializers,
         )
-        # IR version 8 is the one that goes with opset 17; onnx's newest is too new for some runtimes.
+        # IR 8 goes with opset 17; onnx's default IR is newer than onnxruntime 1.31 can read.
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = 8
         return model
@@ -477,8 +479,8 @@ def main() -> None:
         start = time.perf_counter()
         print(f"build_imagenet: building {name}", flush=True)
         TARGETS[name](OUT / name)
-        size = (OUT / name).stat().st_size / 1e6
-        print(f"build_imagenet: wrote {OUT / name} ({size:.1f} MB, {time.perf_counter() - start:.1f} s)")
+        size, took = (OUT / name).stat().st_size / 1e6, time.perf_counter() - start
+        print(f"build_imagenet: wrote {OUT / name} ({size:.1f} MB, {took:.1f} s)")
 
 
 if __name__ == "__main__":
