@@ -1,0 +1,93 @@
+"""The two ImageNet classifiers: image decoding, each model's preprocessing, top-k labels.
+
+Both models see the same 224x224 centre crop; they differ only in how pixels are scaled and laid
+out, which is each model's training convention (see `efficientnet_input` and `resnet50_input`).
+"""
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+RESIZE, CROP = 256, 224
+
+
+class InvalidImage(ValueError):
+    """The bytes are not an image we accept; the message is safe to show the client."""
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode, resize the short side to 256 and centre-crop 224x224 RGB."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        # The header alone gives the size: refuse huge images before decoding a single pixel.
+        if image.width * image.height > max_pixels:
+            raise InvalidImage(f"image has {image.width}x{image.height} pixels, over {max_pixels}")
+        # For JPEG, let the decoder downscale by 1/2, 1/4 or 1/8 while decoding: a phone photo
+        # then costs a few ms instead of ~100. The result is never smaller than asked for.
+        image.draft("RGB", (RESIZE, RESIZE))
+        image = image.convert("RGB")
+    except InvalidImage:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(f"not a readable image: {exc}") from exc
+    scale = RESIZE / min(image.size)
+    width, height = max(CROP, round(image.width * scale)), max(CROP, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    left, top = (width - CROP) // 2, (height - CROP) // 2
+    return image.crop((left, top, left + CROP, top + CROP))
+
+
+def efficientnet_input(image: Image.Image) -> np.ndarray:
+    """EfficientNet-Lite0 (TF Lite convention): RGB, (x - 127) / 128, NCHW."""
+    x = (np.asarray(image, dtype=np.float32) - 127.0) / 128.0
+    return x.transpose(2, 0, 1)[np.newaxis]
+
+
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+
+
+def resnet50_input(image: Image.Image) -> np.ndarray:
+    """Keras ResNet50 ("caffe" convention): BGR, minus the ImageNet mean, no scaling, NHWC."""
+    x = np.asarray(image, dtype=np.float32)[..., ::-1] - CAFFE_MEAN_BGR
+    return x[np.newaxis]
+
+
+def load_labels(path: Path) -> list[str]:
+    labels = json.loads(Path(path).read_text())
+    if len(labels) != 1000:
+        raise ValueError(f"{path}: expected 1000 ImageNet labels, got {len(labels)}")
+    return labels
+
+
+class Classifier:
+    """An ONNX ImageNet model with its preprocessing; safe to call from several threads."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        labels: list[str],
+        preprocess: Callable[[Image.Image], np.ndarray],
+        threads: int = 1,
+    ):
+        options = ort.SessionOptions()
+        # One thread per call: concurrency comes from requests (proxy) or processes (worker),
+        # and on a small shared machine idle threads spinning for work only steal CPU.
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.name = Path(model_path).stem
+        self.labels = labels
+        self.preprocess = preprocess
+
+    def top_k(self, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
+        (probabilities,) = self.session.run(["probabilities"], {"input": self.preprocess(image)})
+        best = np.argsort(probabilities[0])[::-1][:k]
+        return [(self.labels[i], round(float(probabilities[0][i]), 4)) for i in best]

@@ -1,0 +1,53 @@
+"""Settings for the proxy and the worker, read once from the environment at start-up."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _path(name: str, default: str) -> Path:
+    """A path from the environment; relative defaults are relative to this chapter."""
+    value = os.environ.get(name)
+    return Path(value) if value else HERE / default
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int
+    redis_url: str
+    queue_name: str
+    sync_model_path: Path
+    async_model_path: Path
+    labels_path: Path
+    sample_image_path: Path
+    max_image_bytes: int
+    max_image_pixels: int
+    result_ttl: int
+    num_workers: int
+    visibility_timeout: float
+    max_attempts: int
+    worker_nice: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        env = os.environ.get
+        return cls(
+            port=int(env("PORT", "8000")),
+            redis_url=env("REDIS_URL", "redis://127.0.0.1:6379/5"),
+            queue_name=env("QUEUE_NAME", "queue:jobs"),
+            sync_model_path=_path("SYNC_MODEL_PATH", "../models/imagenet/efficientnet_lite0.onnx"),
+            async_model_path=_path("ASYNC_MODEL_PATH", "../models/imagenet/resnet50.onnx"),
+            labels_path=_path("LABELS_PATH", "../models/imagenet/labels.json"),
+            sample_image_path=_path("SAMPLE_IMAGE_PATH", "samples/chelsea.jpg"),
+            max_image_bytes=int(env("MAX_IMAGE_BYTES", str(5 * 1024 * 1024))),
+            max_image_pixels=int(env("MAX_IMAGE_PIXELS", str(40_000_000))),
+            result_ttl=int(env("RESULT_TTL", "3600")),
+            num_workers=int(env("NUM_WORKERS", "2")),
+            visibility_timeout=float(env("VISIBILITY_TIMEOUT", "30")),
+            max_attempts=int(env("MAX_ATTEMPTS", "3")),
+            worker_nice=int(env("WORKER_NICE", "10")),
+            log_level=env("LOG_LEVEL", "INFO").upper(),
+        )

@@ -1,0 +1,149 @@
+"""The job layout in Redis and every operation on it: the proxy's and the worker's side.
+
+    queue:jobs             List    job ids waiting; LPUSH by the proxy, popped from the right
+    queue:jobs:processing  List    job ids a worker has claimed (BLMOVE) and not yet finished
+    queue:jobs:claims      ZSet    job id -> deadline; a claim past it is handed out again
+    queue:jobs:attempts    Hash    job id -> number of claims, to stop retrying a poison job
+    image:{id}             String  the uploaded image bytes (TTL 1 h), deleted once answered
+    result:{id}            String  JSON {"status", "prediction", "top5", ...} (TTL 1 h)
+
+A job is never lost: it is always in exactly one of the two lists until its result is written
+(one transaction writes the result and takes it off `processing`). If a worker dies holding it,
+the reaper moves it back to the queue once its claim deadline has passed.
+"""
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+ID_BYTES = 3  # six hex characters, as specified; uniqueness comes from SUBMIT, not from luck
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True)
+class Keys:
+    queue: str = "queue:jobs"
+
+    @property
+    def processing(self) -> str:
+        return f"{self.queue}:processing"
+
+    @property
+    def claims(self) -> str:
+        return f"{self.queue}:claims"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.queue}:attempts"
+
+    @staticmethod
+    def image(job_id: str) -> str:
+        return f"image:{job_id}"
+
+    @staticmethod
+    def result(job_id: str) -> str:
+        return f"result:{job_id}"
+
+
+# Reserve the id and enqueue in one atomic step: an id is refused while its image or its result
+# still exists, so two live jobs never share an id, and no image is ever stored without its job.
+SUBMIT = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('LPUSH', KEYS[3], ARGV[3])
+return 1
+"""
+
+# The reaper. A claim gets its deadline the first time the reaper sees it (so a worker that dies
+# between BLMOVE and anything else is still covered); an expired claim goes back to the head of
+# the queue. Atomic, so several reapers (one per worker host) can run side by side.
+REAP = """
+local now, timeout = tonumber(ARGV[1]), tonumber(ARGV[2])
+for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  redis.call('ZADD', KEYS[3], 'NX', now + timeout, id)
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, id in ipairs(expired) do
+  redis.call('ZREM', KEYS[3], id)
+  if redis.call('LREM', KEYS[2], 1, id) == 1 then redis.call('RPUSH', KEYS[1], id) end
+end
+return expired
+"""
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(ID_BYTES)
+
+
+# --- the proxy's side (redis.asyncio) -------------------------------------------------------
+
+
+async def submit(redis, keys: Keys, image: bytes, ttl: int, new_id: Callable[[], str] = new_job_id):
+    """Store the image and queue its job; returns the new job id."""
+    script = redis.register_script(SUBMIT)
+    while True:
+        job_id = new_id()
+        keys_ = [keys.image(job_id), keys.result(job_id), keys.queue]
+        if await script(keys=keys_, args=[image, ttl, job_id]):
+            return job_id
+
+
+async def lookup(redis, keys: Keys, job_id: str) -> dict:
+    """The job's state as {"status", "prediction", ...}; "prediction" is "" until complete."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.get(keys.result(job_id))
+        pipe.exists(keys.image(job_id))
+        pipe.lpos(keys.processing, job_id)
+        result, has_image, position = await pipe.execute()
+    if result is not None:
+        return json.loads(result)
+    if has_image:
+        status = JobStatus.QUEUED if position is None else JobStatus.IN_PROGRESS
+        return {"status": status, "prediction": ""}
+    return {"status": JobStatus.NOT_FOUND, "prediction": ""}
+
+
+# --- the worker's side (redis, blocking) ----------------------------------------------------
+
+
+def claim(redis, keys: Keys, timeout: float) -> str | None:
+    """Wait up to `timeout` s for a job; it moves to `processing` in the same atomic step."""
+    job_id = redis.blmove(keys.queue, keys.processing, timeout, "RIGHT", "LEFT")
+    return job_id.decode() if job_id is not None else None
+
+
+def start(redis, keys: Keys, job_id: str) -> tuple[bytes | None, int]:
+    """The job's image (None once expired) and how many times it has been claimed."""
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.get(keys.image(job_id))
+        pipe.hincrby(keys.attempts, job_id, 1)
+        image, attempts = pipe.execute()
+    return image, attempts
+
+
+def finish(redis, keys: Keys, job_id: str, result: dict, ttl: int) -> None:
+    """Write the result and release the job, all or nothing."""
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.set(keys.result(job_id), json.dumps(result), ex=ttl)
+        pipe.delete(keys.image(job_id))
+        pipe.lrem(keys.processing, 1, job_id)
+        pipe.zrem(keys.claims, job_id)
+        pipe.hdel(keys.attempts, job_id)
+        pipe.execute()
+
+
+def reap(redis, keys: Keys, now: float, visibility_timeout: float) -> list[str]:
+    """Requeue the jobs whose claim has expired; returns their ids."""
+    expired = redis.register_script(REAP)(
+        keys=[keys.queue, keys.processing, keys.claims], args=[now, visibility_timeout]
+    )
+    return [job_id.decode() for job_id in expired]

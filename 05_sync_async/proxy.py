@@ -1,0 +1,175 @@
+"""The proxy: answers with the fast model inside the request and queues the accurate one.
+
+POST /predict {"image_data": "<base64>"} -> {"job_id", "result_sync", "top5"}
+GET  /job/{job_id}                       -> {"<job_id>": {"prediction", "status", ...}}
+GET  /predict/test | /health | /metadata
+"""
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+
+import redis.asyncio as aioredis
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import jobs
+from classifier import Classifier, InvalidImage, decode_image, efficientnet_input, load_labels
+from config import Settings
+from logs import log_config
+
+log = logging.getLogger("proxy")
+JOB_ID = re.compile(rf"[0-9a-f]{{{2 * jobs.ID_BYTES}}}")
+
+
+class BadRequest(Exception):
+    """The request is refused with 400 and this message; nothing has been stored."""
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette):
+    settings = Settings.from_env()
+    labels = load_labels(settings.labels_path)
+    app.state.settings = settings
+    app.state.keys = jobs.Keys(settings.queue_name)
+    app.state.model = Classifier(settings.sync_model_path, labels, efficientnet_input)
+    app.state.sample = settings.sample_image_path.read_bytes()
+    app.state.redis = aioredis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=5
+    )
+    log.info("proxy ready", extra={"fields": {"model": app.state.model.name}})
+    try:
+        yield
+    finally:
+        await app.state.redis.aclose()
+
+
+async def read_image_data(request: Request, max_image_bytes: int) -> bytes:
+    """The decoded `image_data` field; the body is read only up to what a valid one needs."""
+    limit = 4 * (max_image_bytes // 3 + 1) + 1024  # base64 of the largest image, plus the JSON
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(f"image over the {max_image_bytes} byte limit")
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest("body is not JSON") from exc
+    if not isinstance(payload, dict) or not isinstance(payload.get("image_data"), str):
+        raise BadRequest('expected {"image_data": "<base64 image>"}')
+    try:
+        image = base64.b64decode(payload["image_data"], validate=True)
+    except binascii.Error as exc:
+        raise BadRequest(f"image_data is not valid base64: {exc}") from exc
+    if len(image) > max_image_bytes:
+        raise BadRequest(f"image over the {max_image_bytes} byte limit")
+    return image
+
+
+async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
+    state = request.app.state
+
+    def fast_top5():
+        return state.model.top_k(decode_image(image, state.settings.max_image_pixels))
+
+    try:
+        # Decoding plus the fast model take milliseconds of CPU: run them in the thread pool so
+        # the event loop keeps serving other requests (onnxruntime releases the GIL).
+        top5 = await run_in_threadpool(fast_top5)
+    except InvalidImage as exc:
+        return error(400, str(exc))
+    # Queue only what the fast model could read, so a bad upload never reaches the worker.
+    try:
+        job_id = await jobs.submit(state.redis, state.keys, image, state.settings.result_ttl)
+    except aioredis.RedisError as exc:
+        log.error("cannot queue the job", extra={"fields": {"error": repr(exc)}})
+        return error(503, "job queue unavailable, try again later")
+    log.info("sync prediction", extra={"fields": {"job_id": job_id, "result_sync": top5[0][0]}})
+    return JSONResponse(
+        {
+            "job_id": job_id,
+            "result_sync": top5[0][0],
+            "top5": [{"label": label, "probability": p} for label, p in top5],
+        }
+    )
+
+
+async def predict(request: Request) -> JSONResponse:
+    try:
+        image = await read_image_data(request, request.app.state.settings.max_image_bytes)
+    except BadRequest as exc:
+        return error(400, str(exc))
+    return await predict_bytes(request, image)
+
+
+async def predict_test(request: Request) -> JSONResponse:
+    return await predict_bytes(request, request.app.state.sample)
+
+
+async def job(request: Request) -> JSONResponse:
+    job_id = request.path_params["job_id"]
+    if not JOB_ID.fullmatch(job_id):
+        return error(404, f"unknown job {job_id!r}")
+    try:
+        state = await jobs.lookup(request.app.state.redis, request.app.state.keys, job_id)
+    except aioredis.RedisError:
+        return error(503, "job store unavailable, try again later")
+    if state["status"] == jobs.JobStatus.NOT_FOUND:
+        return error(404, f"unknown job {job_id!r} (results are kept for one hour)")
+    return JSONResponse({job_id: state})
+
+
+async def health(request: Request) -> JSONResponse:
+    try:
+        await request.app.state.redis.ping()
+    except aioredis.RedisError:
+        return JSONResponse({"health": "redis unavailable"}, status_code=503)
+    return JSONResponse({"health": "ok"})
+
+
+async def metadata(request: Request) -> JSONResponse:
+    return JSONResponse(
+        {
+            "data_type": "str",
+            "data_structure": "(1,1)",
+            "data_sample": "base64 encoded image file",
+            "prediction_type": "str",
+            "prediction_structure": "(1,1)",
+            "prediction_sample": "Egyptian cat",
+            "sync_model": request.app.state.model.name,
+            "async_model": request.app.state.settings.async_model_path.stem,
+        }
+    )
+
+
+app = Starlette(
+    routes=[
+        Route("/predict", predict, methods=["POST"]),
+        Route("/predict/test", predict_test),
+        Route("/job/{job_id}", job),
+        Route("/health", health),
+        Route("/metadata", metadata),
+    ],
+    lifespan=lifespan,
+)
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    uvicorn.run(app, host="0.0.0.0", port=settings.port, log_config=log_config(settings.log_level))
+
+
+if __name__ == "__main__":
+    main()

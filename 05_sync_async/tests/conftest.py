@@ -1,0 +1,212 @@
+"""Real Redis (DB 5 only), real models, real processes on free ports; everything is killed."""
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+import jobs
+from config import Settings
+
+CHAPTER = Path(__file__).resolve().parents[1]
+# Our own database index on whatever server REDIS_URL names: the only data these tests flush.
+_url = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+REDIS_URL = urlunsplit(_url._replace(path="/5"))
+SAMPLE = (CHAPTER / "samples" / "chelsea.jpg").read_bytes()
+SAMPLE_B64 = base64.b64encode(SAMPLE).decode()
+CAT_CLASSES = {"tiger cat", "Egyptian cat", "tabby", "Persian cat", "Siamese cat", "lynx"}
+
+
+def pytest_configure(config):
+    settings = Settings.from_env()
+    missing = [
+        str(p)
+        for p in (settings.sync_model_path, settings.async_model_path, settings.labels_path)
+        if not p.exists()
+    ]
+    if missing:
+        pytest.exit(f"models missing: {', '.join(missing)}; build them with `make -C .. models`")
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.exit(
+            f"no Redis at {REDIS_URL} ({exc}). Start one: `docker compose up -d redis`, or the "
+            "Debian package `redis-server` (Homebrew: `redis`), or set REDIS_URL."
+        )
+
+
+@pytest.fixture
+def db():
+    """A client on the tests' database, emptied before each test."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A chapter program in its own process group, its JSON log kept for failure messages."""
+
+    def __init__(self, script: str, env: dict, log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            [sys.executable, script],
+            cwd=CHAPTER,
+            env={**os.environ, "REDIS_URL": REDIS_URL, "PYTHONUNBUFFERED": "1", **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM the whole group, then SIGKILL whatever is left of it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+        self.log.close()
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
+
+class Started:
+    """Starts chapter programs and stops all of them, printing their logs if the test failed."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir, self.processes = log_dir, []
+
+    def __call__(self, script: str, **env) -> Process:
+        name = f"{Path(script).stem}-{len(self.processes)}.log"
+        process = Process(script, {k: str(v) for k, v in env.items()}, self.log_dir / name)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self, failed: bool) -> None:
+        for process in self.processes:
+            process.stop()
+            if failed:
+                print(f"--- {process.log_path.name} ---\n{process.output()[-4000:]}")
+
+
+@pytest.fixture
+def start(request, tmp_path):
+    """start("proxy.py" | "worker.py", **env) -> Process, stopped after the test."""
+    started = Started(tmp_path)
+    yield started
+    started.stop_all(getattr(request.node, "failed", False))
+
+
+@pytest.fixture(scope="session")
+def proxy(tmp_path_factory) -> str:
+    """One proxy for the whole session (limits made small so the 400 tests stay cheap)."""
+    started = Started(tmp_path_factory.mktemp("proxy"))
+    _, base = start_proxy(started, MAX_IMAGE_BYTES=1_000_000, MAX_IMAGE_PIXELS=1_000_000)
+    yield base
+    started.stop_all(failed=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call" and report.failed:
+        item.failed = True
+    return report
+
+
+def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_until(condition, timeout: float, what: str, process: Process | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    detail = f"\n--- log ---\n{process.output()[-4000:]}" if process else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+
+
+def start_proxy(start, **env) -> tuple[Process, str]:
+    port = free_port()
+    process = start("proxy.py", PORT=port, **env)
+    base = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return http("GET", f"{base}/metadata")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(up, 60, "the proxy to start", process)
+    return process, base
+
+
+def start_worker(start, redis_url: str = REDIS_URL, **env) -> Process:
+    """A supervisor with its processes, returned once every one waits on the queue."""
+    env = {"NUM_WORKERS": 2, "VISIBILITY_TIMEOUT": 2, **env}
+    process = start("worker.py", REDIS_URL=redis_url, **env)
+    client = redis.Redis.from_url(redis_url)
+
+    def waiting():
+        names = [c["name"] for c in client.client_list() if c["cmd"] == "blmove"]
+        return len([n for n in names if n.startswith("worker-")]) == int(env["NUM_WORKERS"])
+
+    wait_until(waiting, 90, "the worker processes to wait on the queue", process)
+    client.close()
+    return process
+
+
+def submit(image: bytes, queue: str = "queue:jobs", redis_url: str = REDIS_URL) -> str:
+    """Queue a job the way the proxy does, without a proxy."""
+
+    async def _submit():
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await jobs.submit(client, jobs.Keys(queue), image, ttl=3600)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(_submit())
+
+
+def result(client: redis.Redis, job_id: str) -> dict | None:
+    raw = client.get(jobs.Keys.result(job_id))
+    return json.loads(raw) if raw else None

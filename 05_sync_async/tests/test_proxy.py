@@ -1,0 +1,110 @@
+"""The HTTP side: the fast answer, the queued job, and strict validation."""
+
+import asyncio
+import base64
+import io
+import json
+import os
+
+import redis.asyncio as aioredis
+from conftest import CAT_CLASSES, REDIS_URL, SAMPLE_B64, free_port, http, start_proxy
+from PIL import Image
+
+import jobs
+
+
+def predict(base: str, payload) -> tuple[int, dict]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return http("POST", f"{base}/predict", body)
+
+
+def test_health_and_metadata(proxy, db):
+    assert http("GET", f"{proxy}/health") == (200, {"health": "ok"})
+    status, metadata = http("GET", f"{proxy}/metadata")
+    assert status == 200
+    assert metadata["sync_model"] == "efficientnet_lite0"
+    assert metadata["async_model"] == "resnet50"
+
+
+def test_predict_answers_now_and_queues_the_job(proxy, db):
+    status, body = predict(proxy, {"image_data": SAMPLE_B64})
+    assert status == 200, body
+    assert body["result_sync"] in CAT_CLASSES
+    assert [entry["label"] for entry in body["top5"]][0] == body["result_sync"]
+    job_id = body["job_id"]
+    assert len(job_id) == 6
+    assert db.lrange("queue:jobs", 0, -1) == [job_id.encode()]
+    assert 3500 < db.ttl(f"image:{job_id}") <= 3600
+    # No worker runs in this test: the job waits, and says so.
+    assert http("GET", f"{proxy}/job/{job_id}") == (
+        200,
+        {job_id: {"status": "queued", "prediction": ""}},
+    )
+
+
+def test_predict_test_uses_the_sample(proxy, db):
+    status, body = http("GET", f"{proxy}/predict/test")
+    assert status == 200
+    assert body["result_sync"] in CAT_CLASSES
+    assert db.llen("queue:jobs") == 1
+
+
+def png(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+BAD_REQUESTS = {
+    "not JSON": b"image_data=abc",
+    "not an object": ["abc"],
+    "missing field": {"image": SAMPLE_B64},
+    "not a string": {"image_data": 12},
+    "bad base64": {"image_data": "not base64!"},
+    "not an image": {"image_data": base64.b64encode(b"hello, world").decode()},
+    "truncated image": {"image_data": SAMPLE_B64[: len(SAMPLE_B64) // 2]},
+    "too many bytes": {"image_data": base64.b64encode(os.urandom(1_000_001)).decode()},
+    "body far too large": {"image_data": "A" * 3_000_000},
+    "too many pixels": {"image_data": png(1001, 1000)},
+}
+
+
+def test_bad_requests_are_400_and_queue_nothing(proxy, db):
+    for name, payload in BAD_REQUESTS.items():
+        status, body = predict(proxy, payload)
+        assert status == 400, (name, body)
+        assert set(body) == {"error"}, name
+    assert db.dbsize() == 0
+
+
+def test_unknown_job_is_404(proxy, db):
+    for job_id in ("000000", "not-an-id"):
+        status, body = http("GET", f"{proxy}/job/{job_id}")
+        assert status == 404
+        assert "error" in body
+
+
+def test_job_ids_never_collide(db):
+    ids = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
+
+    async def two_jobs():
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            keys = jobs.Keys()
+            first = await jobs.submit(client, keys, b"one", ttl=60, new_id=lambda: next(ids))
+            second = await jobs.submit(client, keys, b"two", ttl=60, new_id=lambda: next(ids))
+            return first, second
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(two_jobs()) == ("aaaaaa", "bbbbbb")
+    assert db.get("image:aaaaaa") == b"one"
+    assert db.lrange("queue:jobs", 0, -1) == [b"bbbbbb", b"aaaaaa"]
+
+
+def test_redis_down_is_503_not_500(start):
+    # A closed port: the fast model still loads, the queue is unreachable.
+    _, base = start_proxy(start, REDIS_URL=f"redis://127.0.0.1:{free_port()}/5")
+    status, body = predict(base, {"image_data": SAMPLE_B64})
+    assert (status, set(body)) == (503, {"error"})
+    assert http("GET", f"{base}/health")[0] == 503

@@ -1,0 +1,108 @@
+"""The background side: the accurate answer arrives, and survives dying workers and Redis."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+import redis
+from conftest import SAMPLE, free_port, result, start_worker, submit, wait_until
+
+
+def test_job_completes_with_the_accurate_label(start, db):
+    worker = start_worker(start)
+    job_id = submit(SAMPLE)
+    done = wait_until(lambda: result(db, job_id), 60, "the job's result", worker)
+    assert done["status"] == "complete"
+    assert done["prediction"] == "Egyptian cat"
+    assert done["top5"][0]["probability"] > 0.5
+    assert 3500 < db.ttl(f"result:{job_id}") <= 3600
+    # Released: the image is gone and nothing is left claimed.
+    assert db.exists(f"image:{job_id}", "queue:jobs:processing", "queue:jobs:claims") == 0
+
+
+def test_a_job_claimed_too_often_fails_instead_of_looping(start, db):
+    worker = start_worker(start, MAX_ATTEMPTS=3)
+    db.hset("queue:jobs:attempts", "abcdef", 3)  # as if three workers had died on it
+    db.set("image:abcdef", SAMPLE)
+    db.lpush("queue:jobs", "abcdef")
+    done = wait_until(lambda: result(db, "abcdef"), 60, "the failed result", worker)
+    assert done == {"status": "failed", "prediction": "", "error": "gave up after 3 attempts"}
+
+
+def test_sigkill_mid_job_loses_nothing(start, db):
+    # Private queue, one process: we know exactly which process holds the job.
+    queue = "test:kill"
+    worker = start_worker(start, QUEUE_NAME=queue, NUM_WORKERS=1, VISIBILITY_TIMEOUT=2)
+    (victim,) = worker_processes(db, worker)
+    # Stopped while blocked in BLMOVE: Redis still hands it the job, which it will never finish.
+    wait_until(lambda: stop_while_blocked(db, victim), 10, "the process to block", worker)
+    job_id = submit(SAMPLE, queue=queue)
+    wait_until(
+        lambda: db.lrange(f"{queue}:processing", 0, -1) == [job_id.encode()],
+        10,
+        "the stopped process to hold the job",
+        worker,
+    )
+    os.kill(victim, signal.SIGKILL)
+    done = wait_until(lambda: result(db, job_id), 90, "the requeued job's result", worker)
+    assert done["prediction"] == "Egyptian cat"
+    (replacement,) = worker_processes(db, worker)  # started by the supervisor
+    assert replacement != victim
+    assert '"claim expired, job requeued"' in worker.output()
+
+
+def worker_processes(db, worker) -> list[int]:
+    """The supervisor's children that hold a worker connection (not multiprocessing helpers)."""
+    names = {c["name"] for c in db.client_list()}
+    return [pid for pid in worker.children() if f"worker-{pid}" in names]
+
+
+def stop_while_blocked(db, pid: int) -> bool:
+    """SIGSTOP the process if its connection is blocked in BLMOVE, else let it run on."""
+    os.kill(pid, signal.SIGSTOP)
+    clients = {c["name"]: c for c in db.client_list()}
+    if "b" in clients.get(f"worker-{pid}", {}).get("flags", ""):
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
+
+
+@pytest.fixture
+def private_redis():
+    """A Redis of our own, which this test may stop and start again."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    servers = []
+
+    def start_server():
+        servers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        client = redis.Redis(port=port)
+        wait_until(lambda: _pings(client), 10, f"redis-server on port {port}")
+
+    start_server()
+    yield port, start_server, servers
+    for server in servers:
+        server.kill()
+        server.wait()
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def test_worker_reconnects_after_redis_restarts(start, private_redis):
+    port, start_server, servers = private_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    worker = start_worker(start, redis_url=url)
+    servers[-1].kill()
+    servers[-1].wait()
+    wait_until(lambda: '"redis unavailable"' in worker.output(), 30, "the outage", worker)
+    start_server()
+    job_id = submit(SAMPLE, redis_url=url)
+    client = redis.Redis.from_url(url)
+    done = wait_until(lambda: result(client, job_id), 60, "the job after the restart", worker)
+    assert done["prediction"] == "Egyptian cat"
