@@ -1,0 +1,107 @@
+"""The gRPC API (8500) through grpc_client.py: protos, predictions, and every error."""
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
+
+TOLERANCE = 1e-5
+
+
+def test_status(grpc_client):
+    (version_status,) = grpc_client.status().model_version_status
+    assert version_status.version == 1
+    assert version_status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert version_status.status.error_code == 0  # OK
+    assert grpc_client.status(version=1).model_version_status[0].version == 1
+
+
+def test_metadata(grpc_client):
+    response = grpc_client.metadata()
+    assert response.model_spec.name == "iris" and response.model_spec.version.value == 1
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(signatures)
+    signature = signatures.signature_def["serving_default"]
+    assert [d.size for d in signature.inputs["input"].tensor_shape.dim] == [-1, 4]
+    assert [d.size for d in signature.outputs["output"].tensor_shape.dim] == [-1, 3]
+    assert signature.inputs["input"].dtype == tf.float32.as_datatype_enum
+
+
+@pytest.mark.parametrize("size", [1, 150])
+def test_predict_equals_the_saved_model(grpc_client, iris, expected, size):
+    got = grpc_client.predict(iris[0][:size])
+    assert got.shape == (size, 3)
+    np.testing.assert_allclose(got, expected[:size], atol=TOLERANCE)
+
+
+def test_predict_response_carries_model_spec_and_float_val(grpc_client, iris):
+    request = grpc_client.predict_request(iris[0][:2], version=1)
+    response = grpc_client.predictions.Predict(request, timeout=30)
+    assert response.model_spec.name == "iris" and response.model_spec.version.value == 1
+    assert response.model_spec.signature_name == "serving_default"
+    output = response.outputs["output"]
+    assert len(output.float_val) == 6  # as TensorFlow Serving fills it, not tensor_content
+    assert [d.size for d in output.tensor_shape.dim] == [2, 3]
+
+
+def rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+ROW = np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)
+
+
+def test_unknown_model_is_not_found(server, iris):
+    from grpc_client import GrpcClient
+
+    with GrpcClient(server.host, server.grpc_port, "nope", timeout=30) as other:
+        for call in (lambda: other.predict(ROW), other.status, other.metadata):
+            assert rpc_error(call).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_version_is_not_found(grpc_client):
+    for call in (
+        lambda: grpc_client.predict(ROW, version=99),
+        lambda: grpc_client.status(version=99),
+        lambda: grpc_client.metadata(version=99),
+    ):
+        assert rpc_error(call).code() == grpc.StatusCode.NOT_FOUND
+
+
+def send(grpc_client, request):
+    return grpc_client.predictions.Predict(request, timeout=30)
+
+
+def test_wrong_shape_is_invalid_argument(grpc_client):
+    request = grpc_client.predict_request(np.array([[5.1, 3.5, 1.4]], np.float32))
+    error = rpc_error(lambda: send(grpc_client, request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_wrong_input_name_is_invalid_argument(grpc_client):
+    request = grpc_client.predict_request(ROW)
+    request.inputs["x"].CopyFrom(request.inputs.pop("input"))
+    error = rpc_error(lambda: send(grpc_client, request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input" in error.details()
+
+
+def test_non_numeric_values_are_invalid_argument(grpc_client):
+    request = grpc_client.predict_request(ROW)
+    request.inputs["input"].CopyFrom(tf.make_tensor_proto([["a", "b", "c", "d"]]))
+    error = rpc_error(lambda: send(grpc_client, request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_signature_is_failed_precondition(grpc_client):
+    # TensorFlow Serving's predict_util.cc answers FAILED_PRECONDITION here (REST says 400).
+    error = rpc_error(lambda: grpc_client.predict(ROW, signature_name="nope"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_the_server_still_answers_after_errors(grpc_client, iris, expected):
+    test_wrong_shape_is_invalid_argument(grpc_client)
+    np.testing.assert_allclose(grpc_client.predict(iris[0][:2]), expected[:2], atol=TOLERANCE)

@@ -1,0 +1,128 @@
+"""The REST API (8501) through rest_client.py: shapes, predictions, and every error."""
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from rest_client import ServingError
+
+TOLERANCE = 1e-5  # float32 printed as decimal text, and possibly other CPU kernels
+
+
+def test_status_has_tensorflow_serving_shape(rest):
+    ok = {"error_code": "OK", "error_message": ""}
+    expected = {"model_version_status": [{"version": "1", "state": "AVAILABLE", "status": ok}]}
+    assert rest.status() == expected
+    assert rest.status(version=1) == expected
+
+
+def test_metadata_has_tensorflow_serving_shape(rest):
+    metadata = rest.metadata()
+    assert metadata["model_spec"] == {"name": "iris", "signature_name": "", "version": "1"}
+    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["method_name"] == "tensorflow/serving/predict"
+    (name, tensor), = signature["inputs"].items()  # fmt: skip
+    assert name == "input" and tensor["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in tensor["tensor_shape"]["dim"]] == ["-1", "4"]
+    output = signature["outputs"]["output"]
+    assert output["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in output["tensor_shape"]["dim"]] == ["-1", "3"]
+
+
+@pytest.mark.parametrize("columnar", [False, True], ids=["row", "columnar"])
+@pytest.mark.parametrize("size", [1, 150])
+def test_predict_equals_the_saved_model(rest, iris, expected, columnar, size):
+    rows = iris[0][:size].tolist()
+    got = np.array(rest.predict(rows, columnar=columnar))
+    assert got.shape == (size, 3)
+    np.testing.assert_allclose(got, expected[:size], atol=TOLERANCE)
+
+
+def test_predict_response_keys_follow_the_request_format(rest, iris):
+    row = iris[0][:1].tolist()
+    assert list(rest.predict_raw({"instances": row})) == ["predictions"]
+    assert list(rest.predict_raw({"inputs": {"input": row}})) == ["outputs"]
+    assert list(rest.predict_raw({"inputs": row})) == ["outputs"]  # single input: no name
+
+
+def test_predict_with_version_and_signature_name(rest, iris, expected):
+    rows = iris[0][:3].tolist()
+    got = rest.predict(rows, version=1, signature_name="serving_default")
+    np.testing.assert_allclose(got, expected[:3], atol=TOLERANCE)
+
+
+def raw_post(server, path: str, body: bytes) -> tuple[int, dict]:
+    url = f"http://{server.host}:{server.rest_port}{path}"
+    request = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+PREDICT = "/v1/models/iris:predict"
+BAD_REQUESTS = {
+    "malformed JSON": b'{"instances": [[5.1, 3.5',
+    "empty body": b"",
+    "not an object": b"[[5.1, 3.5, 1.4, 0.2]]",
+    "no instances or inputs": b'{"rows": [[5.1, 3.5, 1.4, 0.2]]}',
+    "both instances and inputs": b'{"instances": [[1, 2, 3, 4]], "inputs": [[1, 2, 3, 4]]}',
+    "empty instances": b'{"instances": []}',
+    "too few columns": b'{"instances": [[5.1, 3.5, 1.4]]}',
+    "ragged rows": b'{"instances": [[5.1, 3.5, 1.4, 0.2], [1.0]]}',
+    "string value": b'{"instances": [["a", 3.5, 1.4, 0.2]]}',
+    "null value": b'{"instances": [[null, 3.5, 1.4, 0.2]]}',
+    "wrong input name": b'{"inputs": {"x": [[5.1, 3.5, 1.4, 0.2]]}}',
+    "unknown signature": b'{"signature_name": "nope", "instances": [[5.1, 3.5, 1.4, 0.2]]}',
+}
+
+
+@pytest.mark.parametrize("body", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_request_is_400_with_error(server, body):
+    status, answer = raw_post(server, PREDICT, body)
+    assert status == 400
+    assert list(answer) == ["error"] and answer["error"]
+
+
+def test_bad_requests_change_nothing(server, rest, iris, expected):
+    for body in BAD_REQUESTS.values():
+        assert raw_post(server, PREDICT, body)[0] == 400
+    np.testing.assert_allclose(rest.predict(iris[0][:2].tolist()), expected[:2], atol=TOLERANCE)
+    assert rest.status()["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/models/nope:predict", "/v1/models/iris/versions/99:predict"],
+    ids=["unknown model", "unknown version"],
+)
+def test_predict_unknown_model_or_version_is_404(server, path):
+    status, answer = raw_post(server, path, b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}')
+    assert status == 404
+    assert "not found" in answer["error"].lower()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.status(version=99),
+        lambda c: c.metadata(version=99),
+    ],
+    ids=["status", "metadata"],
+)
+def test_unknown_version_status_and_metadata_are_404(rest, call):
+    with pytest.raises(ServingError) as info:
+        call(rest)
+    assert info.value.status == 404
+
+
+def test_unknown_model_status_is_404(server):
+    from rest_client import RestClient
+
+    with pytest.raises(ServingError) as info:
+        RestClient(server.host, server.rest_port, "nope").status()
+    assert info.value.status == 404
+    assert info.value.message == "Could not find any versions of model nope"
