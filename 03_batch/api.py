@@ -1,0 +1,184 @@
+"""The HTTP side of the batch pattern: register rows now, read their predictions later.
+
+The API never predicts: it stores `values` with `prediction: null`, and job.py fills the
+predictions in on its schedule. pymysql blocks, so every query runs in Starlette's thread pool.
+"""
+
+import json
+import logging
+import math
+from contextlib import asynccontextmanager
+
+import db
+import uvicorn
+from config import Settings
+from jsonlog import LOG_CONFIG
+from model import IrisModel
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+log = logging.getLogger("api")
+
+N_FEATURES = 4
+MAX_ITEMS = 10_000
+MAX_BODY = 4 * 1024 * 1024  # bytes; 10,000 items need well under 1 MiB
+FLOAT32_MAX = 3.4028234663852886e38  # the model takes float32: larger values would become inf
+PAGE_DEFAULT, PAGE_MAX = 100, 1_000
+
+
+class BadRequest(Exception):
+    """Input we refuse; nothing is written."""
+
+
+def parse_values(item: object) -> list[float]:
+    """{"values": [4 finite numbers]} -> the 4 numbers as floats."""
+    if not isinstance(item, dict) or set(item) != {"values"}:
+        raise BadRequest('expected an object {"values": [4 numbers]}')
+    values = item["values"]
+    if not isinstance(values, list) or len(values) != N_FEATURES:
+        raise BadRequest(f"values must be a list of {N_FEATURES} numbers")
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise BadRequest("values must be numbers")
+    try:
+        floats = [float(v) for v in values]
+    except OverflowError:  # an integer too large for a float
+        floats = [math.inf]
+    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in floats):
+        raise BadRequest("values must be finite float32 numbers (no NaN or Infinity)")
+    return floats
+
+
+async def read_json(request: Request) -> object:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise HTTPException(413, f"request body larger than {MAX_BODY} bytes")
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}")
+    return value
+
+
+async def with_db(request: Request, fn, *args):
+    """Run fn(connection, *args) in the thread pool on a pooled connection; commit on success."""
+
+    def call():
+        with request.app.state.pool.connection() as conn:
+            return fn(conn, *args)
+
+    return await run_in_threadpool(call)
+
+
+async def post_data(request: Request) -> JSONResponse:
+    values = parse_values(await read_json(request))
+    items = await with_db(request, db.insert_items, [values])
+    return JSONResponse(items[0], status_code=201)
+
+
+async def post_data_list(request: Request) -> JSONResponse:
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        raise BadRequest('expected an object {"items": [{"values": [...]}, ...]}')
+    if not 1 <= len(body["items"]) <= MAX_ITEMS:
+        raise BadRequest(f"items must hold between 1 and {MAX_ITEMS} entries")
+    # Validate everything first: one bad item rejects the request and nothing is written.
+    values_list = []
+    for i, item in enumerate(body["items"]):
+        try:
+            values_list.append(parse_values(item))
+        except BadRequest as e:
+            raise BadRequest(f"items[{i}]: {e}") from None
+    items = await with_db(request, db.insert_items, values_list)
+    return JSONResponse(items, status_code=201)
+
+
+def listing(which: str):
+    async def endpoint(request: Request) -> JSONResponse:
+        limit = query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+        after_id = query_int(request, "after_id", 0, 0, 2**63 - 1)
+        return JSONResponse(await with_db(request, db.list_items, which, after_id, limit))
+
+    return endpoint
+
+
+async def get_data(request: Request) -> JSONResponse:
+    item = await with_db(request, db.get_item, request.path_params["item_id"])
+    if item is None:
+        raise HTTPException(404, "Item not found")
+    return JSONResponse(item)
+
+
+async def health(request: Request) -> JSONResponse:
+    def ping(conn):
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    await with_db(request, ping)  # raises -> 503 below
+    return JSONResponse({"status": "ok"})
+
+
+async def metadata(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.model.metadata())
+
+
+# One error shape, {"detail": "..."}, as in the specification.
+async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=400)
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+async def db_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.error("database unavailable", extra={"path": request.url.path, "cause": repr(exc)})
+    return JSONResponse({"detail": f"database unavailable: {exc}"}, status_code=503)
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        db.apply_schema(settings)  # the table is created if missing, before we serve
+        app.state.model = IrisModel(settings.model_filepath, settings.label_filepath)
+        app.state.pool = db.Pool(settings)
+        yield
+        app.state.pool.close()
+
+    handlers = {BadRequest: bad_request, HTTPException: http_error}
+    handlers.update(dict.fromkeys(db.UNAVAILABLE, db_unavailable))
+    routes = [
+        Route("/data", post_data, methods=["POST"]),
+        Route("/data/list", post_data_list, methods=["POST"]),
+        Route("/data/all", listing("all")),
+        Route("/data/unpredicted", listing("unpredicted")),
+        Route("/data/predicted", listing("predicted")),
+        Route("/data/{item_id:int}", get_data),
+        Route("/health", health),
+        Route("/metadata", metadata),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=LOG_CONFIG)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Bench: insert N Iris rows, then time `job.py --once` with 1 and with 2 processes.
+
+Each configuration gets its own fresh database (batch_bench_<random>_<p>), dropped at the end.
+Reports rows/min (wall time from starting the processes to the last exit, start-up included)
+and the peak resident memory of each job process.
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import db
+from config import MODELS_DIR, Settings
+
+HERE = Path(__file__).resolve().parent
+INSERT_BATCH = 10_000
+TIMEOUT_S = 900  # per configuration: the bench never runs unbounded
+
+
+def iris_values() -> list[str]:
+    with open(MODELS_DIR / "iris.csv") as f:
+        rows = list(csv.reader(f))[1:]
+    return [json.dumps([float(v) for v in row[:4]]) for row in rows]
+
+
+def insert_rows(settings: Settings, n: int) -> float:
+    """Fill a fresh database with n rows (the Iris rows, cycled); returns seconds taken."""
+    db.apply_schema(settings)
+    iris = iris_values()
+    started = time.perf_counter()
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            for start in range(0, n, INSERT_BATCH):
+                count = min(INSERT_BATCH, n - start)
+                values = [iris[(start + i) % len(iris)] for i in range(count)]
+                sql = "INSERT INTO items (`values`) VALUES " + ",".join(["(%s)"] * count)
+                cur.execute(sql, values)
+                conn.commit()
+    finally:
+        conn.close()
+    return time.perf_counter() - started
+
+
+def run_jobs(settings: Settings, processes: int, logdir: Path) -> tuple[float, list[float]]:
+    """Start the jobs together; returns wall seconds and each job's peak RSS in MiB."""
+    env = dict(os.environ, MYSQL_DATABASE=settings.mysql_database)
+    procs = []
+    started = time.perf_counter()
+    for i in range(processes):
+        with open(logdir / f"{settings.mysql_database}_{i}.log", "w") as out:
+            cmd = [sys.executable, "job.py", "--once"]
+            procs.append(subprocess.Popen(cmd, cwd=HERE, env=env, stdout=out, stderr=out))
+    watchdog = threading.Timer(TIMEOUT_S, lambda: [p.kill() for p in procs])
+    watchdog.start()
+    peaks, codes = [], []
+    try:
+        for p in procs:
+            # wait4 rather than Popen.wait: it also returns the child's peak memory (KiB).
+            _, status, usage = os.wait4(p.pid, 0)
+            p.returncode = os.waitstatus_to_exitcode(status)
+            codes.append(p.returncode)
+            peaks.append(usage.ru_maxrss / 1024)
+    finally:
+        watchdog.cancel()
+    seconds = time.perf_counter() - started
+    if any(codes):
+        raise RuntimeError(f"a job exited with {codes}; logs in {logdir}")
+    return seconds, peaks
+
+
+def count_predicted(settings: Settings) -> int:
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM items WHERE prediction IS NOT NULL")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def drop(settings: Settings) -> None:
+    conn = db.connect(settings, database=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{settings.mysql_database}`")
+    finally:
+        conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    args = parser.parse_args()
+    base = Settings.from_env()
+    prefix = f"batch_bench_{secrets.token_hex(3)}"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="batch-bench-") as logdir:
+        for processes in [int(p) for p in args.processes.split(",")]:
+            settings = dataclasses.replace(base, mysql_database=f"{prefix}_{processes}")
+            try:
+                insert_s = insert_rows(settings, args.rows)
+                print(f"inserted {args.rows:,} rows in {insert_s:.1f} s", flush=True)
+                seconds, peaks = run_jobs(settings, processes, Path(logdir))
+                predicted = count_predicted(settings)
+            finally:
+                drop(settings)
+            result = {
+                "processes": processes,
+                "rows": predicted,
+                "seconds": round(seconds, 1),
+                "rows_per_min": round(predicted / seconds * 60),
+                "peak_rss_mib": round(max(peaks), 1),
+                "insert_rows_per_min": round(args.rows / insert_s * 60),
+            }
+            print(f"{processes} job process(es): {result}", flush=True)
+            if predicted != args.rows:
+                raise SystemExit(f"only {predicted} of {args.rows} rows predicted")
+            results.append(result)
+
+    print()
+    print(f"batch job, {args.rows:,} rows, chunk {base.chunk_size}, {base.threads} threads/process")
+    print("processes  seconds  rows/min    peak RSS/process  (insert rows/min)")
+    for r in results:
+        print(
+            f"{r['processes']:>9}  {r['seconds']:>7}  {r['rows_per_min']:>10,}"
+            f"  {r['peak_rss_mib']:>10} MiB  ({r['insert_rows_per_min']:,})"
+        )
+    print(json.dumps({"bench": "03_batch", "rows": args.rows, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The README walkthrough, end to end: start the API, register rows, run the job, read the
+# predictions, run three jobs side by side. Uses its own database (dropped at the end) and
+# stops everything it started, even on failure. Exit status non-zero if any step failed.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=../.venv/bin/python
+export MYSQL_HOST=${MYSQL_HOST:-127.0.0.1} MYSQL_PORT=${MYSQL_PORT:-3306}
+export MYSQL_USER=${MYSQL_USER:-root} MYSQL_PASSWORD=${MYSQL_PASSWORD:-}
+export MYSQL_DATABASE=batch_demo PORT=${PORT:-8000}
+URL="http://127.0.0.1:$PORT"
+
+drop_db() {
+  $PY -c 'import db; from config import Settings; s = Settings.from_env()
+c = db.connect(s, database=False); c.cursor().execute(f"DROP DATABASE IF EXISTS `{s.mysql_database}`")'
+}
+
+if $PY -c "import socket,sys; sys.exit(socket.socket().connect_ex(('127.0.0.1', $PORT)) != 0)"; then
+  echo "demo: port $PORT is busy; stop what runs there or set PORT" >&2
+  exit 1
+fi
+
+LOGS=$(mktemp -d)
+API_PID=
+cleanup() {
+  if [ -n "$API_PID" ]; then
+    kill "$API_PID" 2>/dev/null || true
+    wait "$API_PID" 2>/dev/null || true  # uvicorn exits with 143 after a clean SIGTERM shutdown
+  fi
+  drop_db || true
+  rm -rf "$LOGS"
+}
+trap cleanup EXIT
+drop_db
+
+show() {  # show METHOD PATH [JSON]: print the request and the answer; fail on a non-2xx status
+  echo "\$ curl -X $1 $URL$2${3:+ -d '$3'}"
+  curl -sS --fail-with-body -X "$1" "$URL$2" ${3:+-H 'Content-Type: application/json' -d "$3"}
+  echo; echo
+}
+show_error() {  # show_error METHOD PATH JSON EXPECTED_STATUS
+  echo "\$ curl -X $1 $URL$2${3:+ -d '$3'}"
+  status=$(curl -sS -o "$LOGS/body" -w '%{http_code}' -X "$1" "$URL$2" ${3:+-d "$3"})
+  cat "$LOGS/body"; echo "   (HTTP $status)"; echo
+  [ "$status" = "$4" ] || { echo "demo: expected HTTP $4" >&2; exit 1; }
+}
+
+echo "== start the API on :$PORT (database $MYSQL_DATABASE)"
+$PY api.py >"$LOGS/api.log" 2>&1 &
+API_PID=$!
+for _ in $(seq 100); do curl -sf "$URL/health" >/dev/null && break; sleep 0.2; done
+show GET /health
+
+echo "== register rows: nothing is predicted yet"
+show POST /data '{"values": [5.1, 3.5, 1.4, 0.2]}'
+show POST /data/list '{"items": [{"values": [7.0, 3.2, 4.7, 1.4]}, {"values": [6.3, 3.3, 6.0, 2.5]}]}'
+show GET '/data/unpredicted?limit=2'
+show_error POST /data '{"values": [5.1, 3.5, 1.4]}' 400
+show_error GET /data/99 '' 404
+
+echo "== run the job once (normally: every INTERVAL seconds)"
+echo "\$ python job.py --once"
+$PY job.py --once
+echo
+show GET '/data/predicted?limit=2'
+show GET '/data/predicted?limit=2&after_id=2'
+show GET /data/1
+
+echo "== three jobs at once on 30,000 new rows: each row is claimed by exactly one"
+$PY -c 'import json; print(json.dumps({"items": [{"values": [5.9, 3.0, 5.1, 1.8]}] * 10000}))' \
+  >"$LOGS/rows.json"
+for _ in 1 2 3; do curl -sS --fail -o /dev/null -X POST "$URL/data/list" -d @"$LOGS/rows.json"; done
+echo "\$ for i in 1 2 3; do CHUNK_SIZE=1000 python job.py --once & done; wait"
+JOBS=()
+for i in 1 2 3; do CHUNK_SIZE=1000 $PY job.py --once >"$LOGS/job$i.log" & JOBS+=($!); done
+for pid in "${JOBS[@]}"; do wait "$pid"; done
+total=0
+for i in 1 2 3; do
+  end=$(grep '"batch end"' "$LOGS/job$i.log")
+  echo "job $i: $end"
+  total=$((total + $($PY -c 'import json,sys; print(json.loads(sys.argv[1])["rows"])' "$end")))
+done
+echo "rows predicted by the three jobs together: $total"
+[ "$total" = 30000 ] || { echo "demo: expected 30000" >&2; exit 1; }
+show GET '/data/unpredicted'
+echo "demo: ok"

@@ -1,0 +1,233 @@
+"""Fixtures: a real MariaDB/MySQL (own database per test), the real API and job as processes."""
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pymysql
+import pytest
+
+CHAPTER = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(CHAPTER))
+
+import db  # noqa: E402
+from config import Settings  # noqa: E402
+
+BASE = Settings.from_env()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mysql_server():
+    """Stop the run with a clear message when there is no database server to test against."""
+    try:
+        db.connect(BASE, database=False).close()
+    except pymysql.err.MySQLError as e:
+        pytest.exit(
+            f"cannot reach MySQL at {BASE.mysql_host}:{BASE.mysql_port} as {BASE.mysql_user}"
+            f" ({e}).\n"
+            "Start one: `docker compose up -d mysql` in 03_batch, or install the Debian package\n"
+            "mariadb-server (Homebrew: mariadb), or set MYSQL_HOST/MYSQL_PORT/MYSQL_USER/"
+            "MYSQL_PASSWORD.",
+            returncode=2,
+        )
+
+
+def drop_database(settings: Settings) -> None:
+    conn = db.connect(settings, database=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{settings.mysql_database}`")
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def settings():
+    """Settings for a fresh database of this test's own (batch_test_<random>), dropped after."""
+    s = dataclasses.replace(BASE, mysql_database=f"batch_test_{secrets.token_hex(4)}")
+    db.apply_schema(s)
+    yield s
+    drop_database(s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(settings: Settings, **extra) -> dict:
+    env = dict(
+        os.environ,
+        MYSQL_HOST=settings.mysql_host,
+        MYSQL_PORT=str(settings.mysql_port),
+        MYSQL_USER=settings.mysql_user,
+        MYSQL_PASSWORD=settings.mysql_password,
+        MYSQL_DATABASE=settings.mysql_database,
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Processes:
+    """Processes a test starts; all of them are killed at the end, pass or fail."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
+        log = open(self.tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed in stop_all)
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=CHAPTER, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        proc.log_path, proc.log_file = log.name, log
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.log_file.close()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+def read_log(proc) -> str:
+    with open(proc.log_path) as f:
+        return f.read()
+
+
+def log_lines(proc) -> list[dict]:
+    """The JSON log lines a process wrote so far (every line must be JSON)."""
+    with open(proc.log_path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def http(method: str, url: str, body=None, raw: bytes | None = None) -> tuple[int, object]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def start_api(processes: Processes, settings: Settings) -> str:
+    port = free_port()
+    proc = processes.start(["api.py"], env_for(settings, PORT=port, HOST="127.0.0.1"), "api")
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert proc.poll() is None, f"api exited early: {read_log(proc)}"
+        try:
+            return http("GET", url + "/health")[0] == 200
+        except OSError:
+            return False
+
+    wait_for(up, what="the API to answer /health")
+    return url
+
+
+@pytest.fixture
+def api(processes, settings) -> str:
+    return start_api(processes, settings)
+
+
+def run_job(settings: Settings, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "job.py", "--once"],
+        cwd=CHAPTER,
+        env=env_for(settings, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def insert_rows(settings: Settings, values_list: list[list[float]]) -> list[int]:
+    conn = db.connect(settings)
+    try:
+        items = db.insert_items(conn, values_list)
+        conn.commit()
+    finally:
+        conn.close()
+    return [item["id"] for item in items]
+
+
+def query(settings: Settings, sql: str, args=None) -> list[tuple]:
+    conn = db.connect(settings)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            rows = list(cur.fetchall())
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def private_mysql(tmp_path, processes):
+    """A MariaDB server of this test's own, on a free port, that the test may stop."""
+    install, server = shutil.which("mariadb-install-db"), shutil.which("mariadbd")
+    if not (install and server):
+        pytest.skip("needs mariadb-install-db and mariadbd (Debian package mariadb-server)")
+    datadir = tmp_path / "mysql"
+    subprocess.run(
+        [install, "--no-defaults", f"--datadir={datadir}", "--user=root",
+         "--auth-root-authentication-method=normal", "--skip-test-db"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--no-defaults", f"--datadir={datadir}", "--user=root", f"--port={port}",
+         "--bind-address=127.0.0.1", f"--socket={tmp_path / 'mysql.sock'}", "--skip-log-bin",
+         "--innodb-buffer-pool-size=16M"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    s = Settings(mysql_host="127.0.0.1", mysql_port=port, mysql_database="batch_private")
+
+    def ready():
+        try:
+            db.apply_schema(s)
+            return True
+        except pymysql.err.MySQLError:
+            return False
+
+    try:
+        wait_for(ready, timeout=60, what="the private MariaDB server")
+        yield s, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()

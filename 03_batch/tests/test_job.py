@@ -1,0 +1,170 @@
+"""The batch job against a real database: right answers, exactly once, crash-safe, loud when
+the database is gone."""
+
+import csv
+import json
+import signal
+import time
+
+import db
+import numpy as np
+import onnxruntime as ort
+from config import MODELS_DIR
+from conftest import (
+    env_for,
+    free_port,
+    http,
+    insert_rows,
+    log_lines,
+    query,
+    read_log,
+    run_job,
+    start_api,
+    wait_for,
+)
+
+
+def iris() -> tuple[list[list[float]], list[int]]:
+    with open(MODELS_DIR / "iris.csv") as f:
+        rows = list(csv.DictReader(f))
+    values = [[float(r[k]) for k in list(r)[:4]] for r in rows]
+    return values, [int(r["target"]) for r in rows]
+
+
+def predictions(settings) -> dict[int, dict]:
+    rows = query(settings, "SELECT id, prediction FROM items WHERE prediction IS NOT NULL")
+    return {item_id: json.loads(p) for item_id, p in rows}
+
+
+def messages(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_job_predicts_iris_rows_with_the_right_labels(api, settings):
+    values, targets = iris()
+    _, items = http("POST", api + "/data/list", {"items": [{"values": v} for v in values]})
+    done = run_job(settings, CHUNK_SIZE=16)  # several chunks, on several threads
+    assert done.returncode == 0, done.stdout + done.stderr
+    logs = messages(done.stdout)
+    assert [m["message"] for m in logs][:2] == ["batch start", "rows found"]
+    assert logs[1]["rows"] == 150
+    assert logs[-1]["message"] == "batch end" and logs[-1]["rows"] == 150
+
+    # The model's own answers for these rows, computed here without the job: row i must have
+    # got row i's probabilities (stored with 6 significant digits).
+    session = ort.InferenceSession(str(MODELS_DIR / "iris_svc.onnx"))
+    expected = session.run(["probabilities"], {"input": np.array(values, dtype=np.float32)})[0]
+    stored = predictions(settings)
+    for item, proba in zip(items, expected, strict=True):
+        p = stored[item["id"]]
+        assert list(p) == ["0", "1", "2"]
+        assert np.allclose([p["0"], p["1"], p["2"]], proba, rtol=1e-5, atol=1e-6)
+    accuracy = np.mean([int(max(p, key=p.get)) for p in stored.values()] == np.array(targets))
+    assert accuracy > 0.9
+
+    _, page = http("GET", api + "/data/predicted?limit=1000")
+    assert len(page) == 150 and page[0]["prediction"] == stored[page[0]["id"]]
+    assert http("GET", api + "/data/unpredicted")[1] == []
+
+    again = run_job(settings)  # nothing left: a second run predicts nothing
+    assert again.returncode == 0 and messages(again.stdout)[-1]["rows"] == 0
+
+
+def test_three_jobs_predict_every_row_exactly_once(settings, processes):
+    n = 20_000
+    insert_rows(settings, [[5.9, 3.0, 5.1, 1.8]] * n)
+    # Hold the table so the three jobs block on their first query, then let them go together.
+    holder = db.connect(settings)
+    with holder.cursor() as cur:
+        cur.execute("LOCK TABLES items WRITE")
+    env = env_for(settings, CHUNK_SIZE=250)
+    jobs = [processes.start(["job.py", "--once"], env, f"job{i}") for i in range(3)]
+    wait_for(
+        lambda: all(any(m["message"] == "batch start" for m in log_lines(j)) for j in jobs),
+        what="three jobs to start",
+    )
+    time.sleep(0.5)  # let all three reach the lock
+    with holder.cursor() as cur:
+        cur.execute("UNLOCK TABLES")
+    holder.close()
+    for job in jobs:
+        assert job.wait(timeout=300) == 0, read_log(job)
+
+    per_job = [[m for m in log_lines(j) if m["message"] == "batch end"][0]["rows"] for j in jobs]
+    assert sum(per_job) == n  # a row predicted twice would make this larger
+    assert sum(1 for rows in per_job if rows) >= 2, per_job  # they really shared the work
+    assert query(settings, "SELECT COUNT(*) FROM items WHERE prediction IS NULL")[0][0] == 0
+    chunk_rows = [m["rows"] for j in jobs for m in log_lines(j) if m["message"] == "chunk"]
+    assert sum(chunk_rows) == n
+
+
+def test_sigkill_mid_run_leaves_whole_chunks_and_the_next_run_finishes(settings, processes):
+    n, chunk = 20_000, 100
+    ids = insert_rows(settings, [[6.7, 3.1, 4.4, 1.4]] * n)
+    env = env_for(settings, CHUNK_SIZE=chunk, THREADS=1)
+    job = processes.start(["job.py", "--once"], env, "job")
+    wait_for(
+        lambda: sum(m["message"] == "chunk" for m in log_lines(job)) >= 3,
+        what="three chunks committed",
+    )
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+
+    done = sorted(predictions(settings))
+    assert 0 < len(done) < n, "the job should have been killed mid-run"
+    assert len(done) % chunk == 0  # whole chunks only: nothing half written
+    assert done == ids[: len(done)]  # one thread, so the chunks are the first rows in id order
+
+    rest = run_job(settings)
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    assert messages(rest.stdout)[-1]["rows"] == n - len(done)  # no row predicted twice
+    assert len(predictions(settings)) == n
+
+
+def test_loop_mode_waits_an_interval_then_repeats(settings, processes):
+    ids = insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * 10)
+    job = processes.start(["job.py"], env_for(settings, INTERVAL=1), "loop")
+    wait_for(lambda: len(predictions(settings)) == 10, what="the first run")
+    more = insert_rows(settings, [[6.3, 3.3, 6.0, 2.5]] * 5)
+    wait_for(lambda: len(predictions(settings)) == 15, what="the next run")
+    assert sorted(predictions(settings)) == ids + more
+    job.send_signal(signal.SIGTERM)  # docker stop: ends the wait at once
+    assert job.wait(timeout=30) == 0
+    logs = log_lines(job)
+    assert logs[0]["message"] == "waiting for the first batch" and logs[0]["seconds"] == 1
+
+
+def test_once_with_database_unreachable_exits_nonzero(settings):
+    done = run_job(settings, MYSQL_PORT=free_port())  # nothing listens there
+    assert done.returncode == 1
+    failure = messages(done.stdout)[-1]
+    assert failure["level"] == "error" and failure["message"] == "batch failed"
+    assert "Can't connect" in failure["error"]
+
+
+def test_loop_mode_with_database_unreachable_logs_and_retries(settings, processes):
+    job = processes.start(
+        ["job.py"], env_for(settings, MYSQL_PORT=free_port(), INTERVAL=0.2), "loop"
+    )
+    wait_for(
+        lambda: sum(m["message"].startswith("batch failed") for m in log_lines(job)) >= 2,
+        what="two failed runs",
+    )
+    assert job.poll() is None  # still running, will retry
+
+
+def test_database_stopped_health_503_and_job_fails(private_mysql, processes):
+    settings, server = private_mysql
+    api = start_api(processes, settings)
+    assert http("POST", api + "/data", {"values": [5.1, 3.5, 1.4, 0.2]})[0] == 201
+
+    server.send_signal(signal.SIGKILL)  # the database dies
+    server.wait()
+    status, body = http("GET", api + "/health")
+    assert status == 503 and body["detail"].startswith("database unavailable")
+    assert http("POST", api + "/data", {"values": [5.1, 3.5, 1.4, 0.2]})[0] == 503
+    assert http("GET", api + "/data/1")[0] == 503
+
+    done = run_job(settings)
+    assert done.returncode == 1
+    assert messages(done.stdout)[-1]["message"] == "batch failed"
