@@ -35,7 +35,11 @@ curl -sf "$URL/health" >/dev/null || failed "the proxy did not come up"
 # call EXPECTED_STATUS CURL_ARGS...: prints the command and the answer, checks the status code.
 call() {
   local expected=$1; shift
-  echo "\$ curl $*"
+  local shown="" arg
+  for arg in "$@"; do  # quote what the shell would need quoted, to print a copyable command
+    if [[ $arg =~ ^[A-Za-z0-9_/:.@=-]+$ ]]; then shown+=" $arg"; else shown+=" '$arg'"; fi
+  done
+  echo "\$ curl$shown"
   local status
   status=$(curl -s -o "$work/body" -w '%{http_code}' "$@") || failed "curl $*"
   cat "$work/body"; echo; echo
@@ -52,6 +56,8 @@ cd "$work"
 call 200 -X POST "$URL/predict" -H 'Content-Type: application/json' -d @request.json
 cd - >/dev/null
 job_id=$($PYTHON -c 'import json,sys; print(json.load(sys.stdin)["job_id"])' <"$work/body")
+# At once: the worker is still on it ("queued" or "in_progress"; "complete" if it was quicker).
+call 200 "$URL/job/$job_id"
 
 # The accurate answer: poll until the worker has written it (a few hundred ms).
 for _ in $(seq 100); do

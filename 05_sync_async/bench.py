@@ -1,0 +1,187 @@
+"""Measures the pattern on loopback: the fast answer's latency (alone, with 8 clients, with the
+worker saturated) and the time from submit to the accurate answer.
+
+Starts its own proxy and worker on a free port against Redis DB 5 (which it empties), runs for a
+bounded number of requests, prints a table, and as its last line one JSON object.
+"""
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import redis
+import redis.asyncio
+
+import jobs
+
+HERE = Path(__file__).resolve().parent
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
+SAMPLE = (HERE / "samples" / "chelsea.jpg").read_bytes()
+BODY = json.dumps({"image_data": base64.b64encode(SAMPLE).decode()})
+
+
+def percentiles(samples: list[float]) -> dict:
+    ms = sorted(1000 * s for s in samples)
+    q = statistics.quantiles(ms, n=100, method="inclusive")
+    return {"n": len(ms), "p50": round(q[49], 1), "p90": round(q[89], 1), "p99": round(q[98], 1)}
+
+
+def start(script: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, script],
+        cwd=HERE,
+        env={**os.environ, "REDIS_URL": REDIS_URL, **env},
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+async def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def predict(session: aiohttp.ClientSession, base: str) -> tuple[float, str]:
+    started = time.perf_counter()
+    async with session.post(f"{base}/predict", data=BODY) as response:
+        body = await response.json()
+        response.raise_for_status()
+    return time.perf_counter() - started, body["job_id"]
+
+
+async def sync_latency(session, base: str, concurrency: int, total: int) -> tuple[list, float]:
+    """`total` POST /predict from `concurrency` clients; latencies and requests per second."""
+    latencies: list[float] = []
+
+    async def client(n: int) -> None:
+        for _ in range(n):
+            latencies.append((await predict(session, base))[0])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(total // concurrency) for _ in range(concurrency)))
+    return latencies, len(latencies) / (time.perf_counter() - started)
+
+
+async def accurate_latency(session, base: str, total: int) -> list[float]:
+    """Submit, then poll every 5 ms until the accurate answer is there: time from submit."""
+    results = []
+    for _ in range(total):
+        started = time.perf_counter()
+        _, job_id = await predict(session, base)
+        while True:
+            async with session.get(f"{base}/job/{job_id}") as response:
+                if (await response.json())[job_id]["status"] == "complete":
+                    break
+            await asyncio.sleep(0.005)
+        results.append(time.perf_counter() - started)
+    return results
+
+
+async def main() -> dict:
+    db = redis.Redis.from_url(REDIS_URL)
+    db.flushdb()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    proxy = start("proxy.py", {"PORT": str(port)})
+    worker = None
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def proxy_up() -> bool:
+                try:
+                    async with session.get(f"{base}/health") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(proxy_up, 60, "the proxy")
+            await sync_latency(session, base, 1, 20)  # warm-up
+
+            # 1. The fast answer alone: no worker runs, queued jobs simply wait.
+            sync1, rps1 = await sync_latency(session, base, 1, 200)
+            sync8, rps8 = await sync_latency(session, base, 8, 400)
+            db.flushdb()
+
+            # 2. Submit to accurate answer, one job at a time, with the worker idle in between.
+            worker = start("worker.py", {"NUM_WORKERS": "2"})
+
+            async def workers_waiting() -> bool:
+                return sum(c["cmd"] == "blmove" for c in db.client_list() if c["db"] == "5") >= 2
+
+            await wait_for(workers_waiting, 120, "the worker processes")
+            await accurate_latency(session, base, 3)  # warm-up
+            accurate = await accurate_latency(session, base, 50)
+
+            # 3. The fast answer while the worker is saturated: a backlog queued straight into
+            # Redis keeps both worker processes busy for the whole measurement.
+            backlog = 300
+            client = redis.asyncio.Redis.from_url(REDIS_URL)
+            for _ in range(backlog):
+                await jobs.submit(client, jobs.Keys(), SAMPLE, ttl=3600)
+            await client.aclose()
+            started = time.perf_counter()
+            saturated, _ = await sync_latency(session, base, 1, 200)
+            elapsed = time.perf_counter() - started
+            left = db.llen("queue:jobs")
+    finally:
+        stop(proxy)
+        if worker is not None:
+            stop(worker)
+        db.flushdb()
+
+    rows = [
+        ("sync POST /predict, concurrency 1", percentiles(sync1), f"{rps1:.0f} req/s"),
+        ("sync POST /predict, concurrency 8", percentiles(sync8), f"{rps8:.0f} req/s"),
+        ("submit -> accurate result, concurrency 1", percentiles(accurate), ""),
+        ("sync POST /predict, c=1, worker saturated", percentiles(saturated), ""),
+    ]
+    print(f"{'measurement':44} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  throughput")
+    for name, p, extra in rows:
+        print(f"{name:44} {p['n']:>4} {p['p50']:>8} {p['p90']:>8} {p['p99']:>8}  {extra}")
+    # Jobs the worker took off the queue meanwhile (the sync requests queued 200 more).
+    worker_rate = (backlog + len(saturated) - left) / elapsed
+    print(
+        f"worker: {worker_rate:.1f} jobs/s with 2 processes while saturated; "
+        f"backlog {backlog} jobs, {left} still queued at the end (saturated throughout: "
+        f"{'yes' if left > 0 else 'NO'})"
+    )
+    print(f"machine: {os.cpu_count()} cores, shared with other work; loadavg {os.getloadavg()}")
+    return {
+        "sync_p50_ms_c1": percentiles(sync1)["p50"],
+        "sync_p99_ms_c1": percentiles(sync1)["p99"],
+        "sync_p50_ms_c8": percentiles(sync8)["p50"],
+        "sync_rps_c8": round(rps8, 1),
+        "accurate_p50_ms": percentiles(accurate)["p50"],
+        "accurate_p99_ms": percentiles(accurate)["p99"],
+        "sync_p99_ms_saturated": percentiles(saturated)["p99"],
+        "sync_p50_ms_saturated": percentiles(saturated)["p50"],
+        "worker_jobs_per_s": round(worker_rate, 1),
+        "saturated_throughout": left > 0,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main())))
