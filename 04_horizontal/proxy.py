@@ -91,6 +91,8 @@ class FanOut:
                 keepalive_timeout=4,
             ),
             timeout=self.timeout,
+            # A proxy shared by many users must not keep one service's cookies for everyone.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
