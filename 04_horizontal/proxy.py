@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
-from payload import INPUT_SCHEMA, SAMPLE, BadInput, one_or_many, parse_rows, per_row
-from serving import ServerSettings, bad_input, serve
+from payload import INPUT_SCHEMA, SAMPLE, one_or_many, parse_rows, per_row
+from serving import ServerSettings, serve, web_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -147,9 +147,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
             {name: a.body if a.error is None else {"error": a.error} for name, a in answers.items()}
         )
 
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"health": "ok"})
-
     async def health_all(request: Request) -> JSONResponse:
         # Always 200: this is a report on the services, and a down one is part of the report.
         answers = await fan_out(request).all("GET", "/health")
@@ -211,7 +208,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return all_predictions(await fan_out(request).all("POST", "/predict", body))
 
     routes = [
-        Route("/health", health),
         Route("/health/all", health_all),
         Route("/metadata", metadata),
         Route("/predict", predict, methods=["POST"]),
@@ -219,13 +215,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/predict/get/test", predict_get_test),
         Route("/predict/post/test", predict_post_test, methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={BadInput: bad_input})
-
-
-def main() -> None:
-    settings = Settings.from_env()
-    serve(create_app(settings), settings.server)
+    return web_app(routes, lifespan)
 
 
 if __name__ == "__main__":
-    main()
+    serve(create_app, Settings.from_env())

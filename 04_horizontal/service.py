@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from payload import INPUT_SCHEMA, SAMPLE, BadInput, one_or_many, parse_rows
-from serving import ServerSettings, bad_input, serve
+from payload import INPUT_SCHEMA, SAMPLE, one_or_many, parse_rows
+from serving import ServerSettings, serve, web_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -85,9 +85,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         proba = request.app.state.model.predict(rows)
         return JSONResponse({"prediction": one_or_many(proba)})
 
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"health": "ok"})
-
     async def metadata(request: Request) -> JSONResponse:
         return JSONResponse(
             {
@@ -109,18 +106,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return await answer(request, SAMPLE)
 
     routes = [
-        Route("/health", health),
         Route("/metadata", metadata),
         Route("/predict", predict, methods=["POST"]),
         Route("/predict/test", predict_test),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={BadInput: bad_input})
-
-
-def main() -> None:
-    settings = Settings.from_env()
-    serve(create_app(settings), settings.server)
+    return web_app(routes, lifespan)
 
 
 if __name__ == "__main__":
-    main()
+    serve(create_app, Settings.from_env())

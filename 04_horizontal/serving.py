@@ -1,4 +1,4 @@
-"""What the service and the proxy share: server settings, JSON logs on stdout, running uvicorn."""
+"""What the service and the proxy share: settings, JSON logs on stdout, the app shell, uvicorn."""
 
 import json
 import logging
@@ -6,7 +6,10 @@ import os
 from dataclasses import dataclass
 
 import uvicorn
+from payload import BadInput
+from starlette.applications import Starlette
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,16 @@ def log_config(level: str) -> dict:
     }
 
 
-def serve(app, settings: ServerSettings) -> None:
+def serve(create_app, settings) -> None:
+    """Run create_app(settings) under uvicorn; settings.server says where and how to log."""
+    server = settings.server
     uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=log_config(settings.log_level),
-        log_level=settings.log_level,
-        access_log=settings.access_log,
+        create_app(settings),
+        host=server.host,
+        port=server.port,
+        log_config=log_config(server.log_level),
+        log_level=server.log_level,
+        access_log=server.access_log,
         # Longer than the proxy's idle keep-alive (4 s), so the proxy never reuses a connection
         # that the service is closing at that very moment.
         timeout_keep_alive=30,
@@ -82,3 +87,16 @@ def serve(app, settings: ServerSettings) -> None:
 async def bad_input(request, exc: Exception) -> JSONResponse:
     """Starlette exception handler for payload.BadInput: a clear 422, never a 500."""
     return JSONResponse({"error": str(exc)}, status_code=422)
+
+
+async def health(request) -> JSONResponse:
+    return JSONResponse({"health": "ok"})
+
+
+def web_app(routes: list, lifespan) -> Starlette:
+    """A Starlette app with /health and this chapter's one error shape for bad input."""
+    return Starlette(
+        routes=[Route("/health", health), *routes],
+        lifespan=lifespan,
+        exception_handlers={BadInput: bad_input},
+    )
