@@ -17,12 +17,12 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 import jobs
 from classifier import Classifier, InvalidImage, decode_image, efficientnet_input, load_labels
-from config import Settings
+from config import HERE, Settings
 from logs import log_config
 
 log = logging.getLogger("proxy")
@@ -45,6 +45,7 @@ async def lifespan(app: Starlette):
     app.state.keys = jobs.Keys(settings.queue_name)
     app.state.model = Classifier(settings.sync_model_path, labels, efficientnet_input)
     app.state.sample = settings.sample_image_path.read_bytes()
+    app.state.page = (HERE / "index.html").read_text()
     app.state.redis = aioredis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, socket_timeout=5
     )
@@ -154,8 +155,13 @@ async def metadata(request: Request) -> JSONResponse:
     )
 
 
+async def page(request: Request) -> HTMLResponse:
+    return HTMLResponse(request.app.state.page)
+
+
 app = Starlette(
     routes=[
+        Route("/", page),
         Route("/predict", predict, methods=["POST"]),
         Route("/predict/test", predict_test),
         Route("/job/{job_id}", job),
