@@ -168,7 +168,8 @@ async def main() -> dict:
         f"backlog {backlog} jobs, {left} still queued at the end (saturated throughout: "
         f"{'yes' if left > 0 else 'NO'})"
     )
-    print(f"machine: {os.cpu_count()} cores, shared with other work; loadavg {os.getloadavg()}")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} cores, shared with other work; load average {load}")
     return {
         "sync_p50_ms_c1": percentiles(sync1)["p50"],
         "sync_p99_ms_c1": percentiles(sync1)["p99"],

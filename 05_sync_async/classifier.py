@@ -87,7 +87,11 @@ class Classifier:
         self.labels = labels
         self.preprocess = preprocess
 
-    def top_k(self, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
+    def top_k(self, image: Image.Image, k: int = 5) -> list[dict]:
+        """The k most likely classes, best first: [{"label": ..., "probability": ...}, ...]."""
         (probabilities,) = self.session.run(["probabilities"], {"input": self.preprocess(image)})
         best = np.argsort(probabilities[0])[::-1][:k]
-        return [(self.labels[i], round(float(probabilities[0][i]), 4)) for i in best]
+        return [
+            {"label": self.labels[i], "probability": round(float(probabilities[0][i]), 4)}
+            for i in best
+        ]

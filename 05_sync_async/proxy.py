@@ -97,14 +97,9 @@ async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
     except aioredis.RedisError as exc:
         log.error("cannot queue the job", extra={"fields": {"error": repr(exc)}})
         return error(503, "job queue unavailable, try again later")
-    log.info("sync prediction", extra={"fields": {"job_id": job_id, "result_sync": top5[0][0]}})
-    return JSONResponse(
-        {
-            "job_id": job_id,
-            "result_sync": top5[0][0],
-            "top5": [{"label": label, "probability": p} for label, p in top5],
-        }
-    )
+    label = top5[0]["label"]
+    log.info("sync prediction", extra={"fields": {"job_id": job_id, "result_sync": label}})
+    return JSONResponse({"job_id": job_id, "result_sync": label, "top5": top5})
 
 
 async def predict(request: Request) -> JSONResponse:

@@ -59,21 +59,24 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def failed(message: str) -> dict:
+    return {"status": jobs.JobStatus.FAILED, "prediction": "", "error": message}
+
+
 def run_job(model: Classifier, settings: Settings, image: bytes | None, attempts: int) -> dict:
     """The result to store for one job; a job that cannot succeed gets a "failed" result."""
     if image is None:
-        return {"status": jobs.JobStatus.FAILED, "prediction": "", "error": "image expired"}
+        return failed("image expired")
     if attempts > settings.max_attempts:
-        message = f"gave up after {settings.max_attempts} attempts"
-        return {"status": jobs.JobStatus.FAILED, "prediction": "", "error": message}
+        return failed(f"gave up after {settings.max_attempts} attempts")
     try:
         top5 = model.top_k(decode_image(image, settings.max_image_pixels))
     except InvalidImage as exc:  # the proxy checked it already; only a changed limit gets here
-        return {"status": jobs.JobStatus.FAILED, "prediction": "", "error": str(exc)}
+        return failed(str(exc))
     return {
         "status": jobs.JobStatus.COMPLETE,
-        "prediction": top5[0][0],
-        "top5": [{"label": label, "probability": p} for label, p in top5],
+        "prediction": top5[0]["label"],
+        "top5": top5,
         "model": model.name,
     }
 
@@ -153,6 +156,10 @@ def supervise(settings: Settings) -> None:
 def main() -> None:
     settings = Settings.from_env()
     logging.config.dictConfig(log_config(settings.log_level))
+    # Fail once, clearly, rather than have the supervisor restart doomed processes forever.
+    for path in (settings.async_model_path, settings.labels_path):
+        if not path.exists():
+            raise SystemExit(f"worker: {path} is missing; build it with `make -C .. models`")
     supervise(settings)
 
 

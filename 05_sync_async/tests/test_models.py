@@ -37,9 +37,9 @@ def models():
 def test_top5_on_the_sample_matches_the_reference(models, name):
     top5 = models[name].top_k(decode_image(SAMPLE, max_pixels=10**7))
     assert len(top5) == 5
-    assert [label for label, _ in top5[:4]] == [label for label, _ in REFERENCE[name]]
-    for (_, p), (_, expected) in zip(top5, REFERENCE[name], strict=False):
-        assert p == pytest.approx(expected, abs=0.01)
+    assert [entry["label"] for entry in top5[:4]] == [label for label, _ in REFERENCE[name]]
+    for entry, (_, expected) in zip(top5, REFERENCE[name], strict=False):
+        assert entry["probability"] == pytest.approx(expected, abs=0.01)
 
 
 def test_decode_crops_to_224_whatever_the_shape():
