@@ -2,15 +2,18 @@
 
 Starts three services and a proxy on free loopback ports (as the tests do), then, in one run,
 sends the same one-row request to both targets at concurrency 1 and 50 from one aiohttp client.
-Bounded in count and time. Prints a table, and as its last line one JSON object.
+The two targets take turns in short rounds, so both see the same load from the rest of the
+machine. Also counts the CPU time the servers (proxy + services) and this client spend per
+request. Bounded in count and time. Prints a table, and as its last line one JSON object.
 
-    python bench.py [--requests-c1 N] [--requests-c50 N] [--seconds S]
+    python bench.py [--requests-c1 N] [--requests-c50 N] [--seconds S] [--access-log]
 """
 
 import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -19,51 +22,123 @@ from processes import start_proxy, start_services, wait_healthy
 
 BODY = json.dumps({"data": [[5.1, 3.5, 1.4, 0.2]]}).encode()
 HEADERS = {"Content-Type": "application/json"}
+ROUNDS = 5
 
 
-async def measure(session, url: str, concurrency: int, requests: int, seconds: float) -> dict:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far, from /proc (Linux)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Tally:
+    """Latencies, wall time, errors and CPU time of one target, summed over its rounds."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.wall = self.server_cpu = self.client_cpu = 0.0
+
+    def summary(self) -> dict:
+        done = sorted(self.latencies)
+        return {
+            "requests": len(done),
+            "errors": self.errors,
+            "rps": len(done) / self.wall,
+            "p50_ms": statistics.median(done) * 1000,
+            "p99_ms": done[max(0, int(len(done) * 0.99) - 1)] * 1000,
+            "server_cpu_us": self.server_cpu / len(done) * 1e6,
+            "client_cpu_us": self.client_cpu / len(done) * 1e6,
+        }
+
+
+async def measure(session, url: str, concurrency: int, requests: int, seconds: float, tally):
     """Keep `concurrency` requests in flight until `requests` are done or `seconds` have passed."""
-    latencies: list[float] = []
-    errors = 0
     started = time.perf_counter()
     deadline = started + seconds
+    issued = 0
 
     async def worker():
-        nonlocal errors
-        while len(latencies) + errors < requests and time.perf_counter() < deadline:
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            issued += 1
             t0 = time.perf_counter()
             async with session.post(url, data=BODY, headers=HEADERS) as response:
                 await response.read()
-                if response.status != 200:
-                    errors += 1
-                    continue
-            latencies.append(time.perf_counter() - t0)
+            if response.status == 200:
+                tally.latencies.append(time.perf_counter() - t0)
+            else:
+                tally.errors += 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "rps": len(latencies) / wall,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-    }
+    tally.wall += time.perf_counter() - started
 
 
-async def bench(targets: dict[str, str], args) -> dict:
+async def bench(targets: dict[str, str], server_pids: list[int], args) -> dict:
     # One client session, enough connections for the highest concurrency.
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        for url in targets.values():  # warm up connections, caches and the services' models
-            await measure(session, url, 10, 300, 10)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for url in targets.values():  # warm up connections and the services' models
+            await measure(session, url, 10, 300, 10, Tally())
         results = {}
         for concurrency, requests in ((1, args.requests_c1), (50, args.requests_c50)):
-            for name, url in targets.items():
-                results[name, concurrency] = await measure(
-                    session, url, concurrency, requests, args.seconds
-                )
+            tallies = {name: Tally() for name in targets}
+            for _ in range(ROUNDS):
+                for name, url in targets.items():
+                    tally = tallies[name]
+                    server0, client0 = cpu_seconds(server_pids), own_cpu_seconds()
+                    await measure(
+                        session, url, concurrency, requests // ROUNDS, args.seconds / ROUNDS, tally
+                    )
+                    tally.server_cpu += cpu_seconds(server_pids) - server0
+                    tally.client_cpu += own_cpu_seconds() - client0
+            for name, tally in tallies.items():
+                results[name, concurrency] = tally.summary()
         return results
+
+
+def report(results: dict, targets: dict, args, load_before: float) -> None:
+    print(
+        f"{os.cpu_count()} cores shared with other work, load average {load_before:.2f} before"
+        f" the run, access log {'on' if args.access_log else 'off'}"
+    )
+    header = "target                      conc  requests   req/s  p50 ms  p99 ms"
+    print(header + "  server CPU us/req  client CPU us/req")
+    for (name, concurrency), r in results.items():
+        print(
+            f"{name:<28}{concurrency:>4}{r['requests']:>10}{r['rps']:>8.0f}{r['p50_ms']:>8.2f}"
+            f"{r['p99_ms']:>8.2f}{r['server_cpu_us']:>19.0f}{r['client_cpu_us']:>19.0f}"
+        )
+    proxy, direct = targets
+    overhead = {c: results[proxy, c]["p50_ms"] - results[direct, c]["p50_ms"] for c in (1, 50)}
+    for c, value in overhead.items():
+        print(f"fan-out overhead at concurrency {c:>2} (proxy p50 - direct p50): {value:.2f} ms")
+    summary = {
+        "proxy_c1_p50_ms": round(results[proxy, 1]["p50_ms"], 2),
+        "proxy_c1_p99_ms": round(results[proxy, 1]["p99_ms"], 2),
+        "proxy_c50_rps": round(results[proxy, 50]["rps"]),
+        "proxy_c50_p50_ms": round(results[proxy, 50]["p50_ms"], 2),
+        "direct_c1_p50_ms": round(results[direct, 1]["p50_ms"], 2),
+        "direct_c50_rps": round(results[direct, 50]["rps"]),
+        "fanout_overhead_c1_ms": round(overhead[1], 2),
+        "fanout_overhead_c50_ms": round(overhead[50], 2),
+        "proxy_c50_server_cpu_us_per_request": round(results[proxy, 50]["server_cpu_us"]),
+        "errors": sum(r["errors"] for r in results.values()),
+        "goal_proxy_c1_p50_under_3ms": results[proxy, 1]["p50_ms"] < 3,
+        "goal_proxy_c50_at_least_1000_rps": results[proxy, 50]["rps"] >= 1000,
+        "cores": os.cpu_count(),
+        "load_before": round(load_before, 2),
+        "access_log": args.access_log,
+    }
+    print(json.dumps(summary))
 
 
 def main() -> None:
@@ -89,44 +164,12 @@ def main() -> None:
             "service /predict (setosa)": services["setosa"].url + "/predict",
         }
         load_before = os.getloadavg()[0]
-        results = asyncio.run(bench(targets, args))
+        pids = [process.popen.pid for process in processes]
+        results = asyncio.run(bench(targets, pids, args))
     finally:
         for process in processes:
             process.kill()
-
-    print(
-        f"{os.cpu_count()} cores, load average {load_before:.2f} before the run, "
-        f"access log {'on' if args.access_log else 'off'}"
-    )
-    print(f"{'target':<28}{'conc':>5}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
-    for (name, concurrency), r in results.items():
-        print(
-            f"{name:<28}{concurrency:>5}{r['requests']:>10}{r['rps']:>9.0f}"
-            f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-        )
-    proxy_name, direct_name = targets
-    overhead = {
-        c: results[proxy_name, c]["p50_ms"] - results[direct_name, c]["p50_ms"] for c in (1, 50)
-    }
-    for c, value in overhead.items():
-        print(f"fan-out overhead at concurrency {c:>2} (proxy p50 - direct p50): {value:.2f} ms")
-    summary = {
-        "proxy_c1_p50_ms": round(results[proxy_name, 1]["p50_ms"], 2),
-        "proxy_c1_p99_ms": round(results[proxy_name, 1]["p99_ms"], 2),
-        "proxy_c50_rps": round(results[proxy_name, 50]["rps"]),
-        "proxy_c50_p50_ms": round(results[proxy_name, 50]["p50_ms"], 2),
-        "direct_c1_p50_ms": round(results[direct_name, 1]["p50_ms"], 2),
-        "direct_c50_rps": round(results[direct_name, 50]["rps"]),
-        "fanout_overhead_c1_ms": round(overhead[1], 2),
-        "fanout_overhead_c50_ms": round(overhead[50], 2),
-        "errors": sum(r["errors"] for r in results.values()),
-        "goal_proxy_c1_p50_under_3ms": results[proxy_name, 1]["p50_ms"] < 3,
-        "goal_proxy_c50_at_least_1000_rps": results[proxy_name, 50]["rps"] >= 1000,
-        "cores": os.cpu_count(),
-        "load_before": round(load_before, 2),
-        "access_log": args.access_log,
-    }
-    print(json.dumps(summary))
+    report(results, targets, args, load_before)
 
 
 if __name__ == "__main__":
