@@ -23,6 +23,7 @@ import json
 import math
 import secrets
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -181,6 +182,10 @@ return 'cancelled'
 """
 
 
+def _iso(ms: float) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
 class IdCollision(RuntimeError):
     pass
 
@@ -251,7 +256,7 @@ class JobStore:
             return total, []
         statuses = await self.redis.mget([self.key(job_id, "status") for job_id, _ in page])
         jobs = [
-            {"job_id": job_id, "status": status, "submitted_ms": int(ms)}
+            {"job_id": job_id, "status": status, "submitted_at": _iso(ms)}
             for (job_id, ms), status in zip(page, statuses, strict=True)
             if status is not None
         ]

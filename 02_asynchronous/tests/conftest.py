@@ -1,0 +1,150 @@
+"""Real Redis (database 2, flushed before each test), real processes on free ports."""
+
+import csv
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from launch import (
+    LOCAL_SERVING,
+    MODELS,
+    free_port,
+    http,
+    redis_url,
+    start_proxy,
+    start_redis,
+    start_tf_serving,
+    start_worker,
+)
+
+REDIS_URL = redis_url(db=2)
+FINAL = ("completed", "failed", "cancelled")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> redis.Redis:
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        client.ping()
+    except redis.ConnectionError as e:
+        pytest.exit(
+            f"no Redis at {REDIS_URL} ({e}). Start one: `docker compose up -d redis`, or install "
+            "redis-server (Debian) / redis (Homebrew), or set REDIS_URL.",
+            returncode=1,
+        )
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def db(redis_server: redis.Redis) -> redis.Redis:
+    """Database 2 of the shared Redis, empty: the only data the tests touch."""
+    redis_server.flushdb()
+    return redis_server
+
+
+@pytest.fixture(scope="session")
+def tf_serving():
+    if not LOCAL_SERVING.exists():
+        pytest.skip(f"{LOCAL_SERVING} (chapter 01) is missing")
+    ports = free_port(), free_port()
+    proc = start_tf_serving(*ports)
+    yield proc, ports
+    proc.close()
+
+
+class Processes:
+    """Starts this chapter's processes; the fixture stops every one of them, pass or fail."""
+
+    def __init__(self):
+        self.started = []
+
+    def _keep(self, proc):
+        self.started.append(proc)
+        return proc
+
+    def proxy(self, env: dict):
+        return self._keep(start_proxy(env))
+
+    def worker(self, env: dict):
+        return self._keep(start_worker(env))
+
+    def tf_serving(self, grpc_port: int, rest_port: int):
+        return self._keep(start_tf_serving(grpc_port, rest_port))
+
+    def redis(self, port: int):
+        return self._keep(start_redis(port))
+
+    def close(self):
+        for proc in reversed(self.started):
+            proc.close()
+
+
+@pytest.fixture
+def procs():
+    processes = Processes()
+    yield processes
+    processes.close()
+
+
+def make_env(grpc_port: int = 1, rest_port: int = 1, **overrides) -> dict:
+    """Environment for proxy and workers; port 1 stands for 'no TensorFlow Serving'."""
+    env = {
+        "REDIS_URL": REDIS_URL,
+        "TF_SERVING_GRPC_PORT": str(grpc_port),
+        "TF_SERVING_REST_PORT": str(rest_port),
+        "PORT": str(free_port()),
+        "VISIBILITY_TIMEOUT": "30",
+        "RETRY_BACKOFF": "0.05",
+        "BATCH_SIZE": "16",
+        "NUM_WORKERS": "1",
+    }
+    return env | {k: str(v) for k, v in overrides.items()}
+
+
+@pytest.fixture
+def env(db, tf_serving) -> dict:
+    """Settings of a proxy and workers talking to the session's TensorFlow Serving."""
+    _, (grpc_port, rest_port) = tf_serving
+    return make_env(grpc_port, rest_port)
+
+
+def base_url(env: dict) -> str:
+    return f"http://127.0.0.1:{env['PORT']}"
+
+
+def submit_many(env: dict, bodies: list[dict], threads: int = 25) -> list[str]:
+    def submit(body: dict) -> str:
+        status, answer = http("POST", f"{base_url(env)}/predict", body)
+        assert status == 202, answer
+        return answer["job_id"]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(submit, bodies))
+
+
+def wait_jobs(db: redis.Redis, env: dict, ids: list[str], timeout: float = 90) -> list[dict]:
+    """Wait until every job is final (checked in Redis), then read each one over HTTP."""
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = db.mget([f"job:{i}:status" for i in ids])
+        if all(s in FINAL for s in statuses):
+            break
+        if time.monotonic() > deadline:
+            waiting = {i: s for i, s in zip(ids, statuses, strict=True) if s not in FINAL}
+            raise TimeoutError(f"{len(waiting)} jobs not final: {list(waiting.items())[:5]}")
+        time.sleep(0.1)
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda i: http("GET", f"{base_url(env)}/job/{i}"), ids))
+    assert all(status == 200 for status, _ in answers)
+    return [job for _, job in answers]
+
+
+@pytest.fixture(scope="session")
+def iris() -> tuple[list[list[float]], list[int]]:
+    with open(MODELS / "iris.csv") as f:
+        rows = list(csv.DictReader(f))
+    features = [[float(r[k]) for k in list(r)[:4]] for r in rows]
+    return features, [int(r["target"]) for r in rows]

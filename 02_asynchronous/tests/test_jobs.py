@@ -1,0 +1,193 @@
+"""The Redis layout and its scripts, against the real Redis (database 2), no other process."""
+
+import asyncio
+import json
+import re
+
+import pytest
+from conftest import REDIS_URL
+from jobs import IdCollision, InvalidInput, JobStatus, JobStore, new_job_id, validate_rows
+from redis.asyncio import Redis
+
+ROW = [5.1, 3.5, 1.4, 0.2]
+DAY = 86400
+
+
+def run(scenario, **store_options):
+    """Run `scenario(store)` on a fresh asyncio client: each test is one asyncio.run."""
+
+    async def main():
+        redis = Redis.from_url(REDIS_URL, decode_responses=True)
+        try:
+            return await scenario(JobStore(redis, **store_options))
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (None, "non-empty list"),
+        ([], "non-empty list"),
+        ([ROW] * 1001, "at most 1000"),
+        ([[1, 2, 3]], "exactly 4"),
+        ([[1, 2, 3, 4, 5]], "exactly 4"),
+        ([ROW, "1,2,3,4"], "data[1] must be a list"),
+        ([[1, 2, "3", 4]], "data[0][2] must be a number"),
+        ([[1, 2, True, 4]], "data[0][2] must be a number"),
+        ([[1, 2, None, 4]], "must be a number"),
+        ([[1, 2, 0, 4]], "data[0][2] must be in (0, 10)"),
+        ([[1, 2, -1.5, 4]], "in (0, 10)"),
+        ([[1, 2, 10, 4]], "in (0, 10)"),
+        ([[1, 2, float("nan"), 4]], "in (0, 10)"),
+        ([[1, 2, float("inf"), 4]], "in (0, 10)"),
+    ],
+)
+def test_invalid_rows_are_refused_with_the_problem_named(data, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        validate_rows(data)
+
+
+def test_valid_rows_become_floats():
+    assert validate_rows([[5, 3.5, 1.4, 0.2]] * 1000)[0] == [5.0, 3.5, 1.4, 0.2]
+
+
+def test_every_job_key_expires_within_a_day(db):
+    async def scenario(store):
+        done = await store.submit([ROW])
+        failed = await store.submit([ROW])
+        claimed = await store.claim(batch_size=10, block=1)
+        assert [job_id for job_id, _ in claimed] == [done, failed]
+        await store.finish([(done, JobStatus.COMPLETED, "[]"), (failed, JobStatus.FAILED, "x")])
+        return done, failed
+
+    done, failed = run(scenario)
+    keys = [f"job:{done}:{k}" for k in ("status", "data", "result")]
+    keys += [f"job:{failed}:{k}" for k in ("status", "data", "error")] + ["jobs:recent"]
+    for key in keys:
+        assert 0 < db.ttl(key) <= DAY, key
+    assert {k for k in db.keys("job:*")} == set(keys) - {"jobs:recent"}
+
+
+def test_an_id_collision_cannot_overwrite_a_job(db):
+    ids = iter(["abc", "abc", "def"])
+
+    async def scenario(store):
+        first = await store.submit([ROW])
+        second = await store.submit([[6.0, 3.0, 4.8, 1.8]])  # draws "abc" again, then "def"
+        return first, second
+
+    assert run(scenario, new_id=lambda: next(ids)) == ("abc", "def")
+    assert json.loads(db.get("job:abc:data")) == [ROW]
+
+    async def always_taken(store):
+        await store.submit([[6.0, 3.0, 4.8, 1.8]])
+
+    with pytest.raises(IdCollision):
+        run(always_taken, new_id=lambda: "abc")
+    assert json.loads(db.get("job:abc:data")) == [ROW]
+    assert db.lrange("queue:predict", 0, -1) == ["def", "abc"]
+
+
+def test_high_priority_jobs_are_taken_before_normal_ones(db):
+    async def scenario(store):
+        normal = [await store.submit([ROW]) for _ in range(3)]
+        high = await store.submit([ROW], priority="high")
+        claimed = [job_id for job_id, _ in await store.claim(batch_size=10, block=1)]
+        return normal, high, claimed
+
+    normal, high, claimed = run(scenario)
+    assert claimed == [high, *normal]
+
+
+def test_cancel_only_pending_jobs(db):
+    async def scenario(store):
+        taken, pending = await store.submit([ROW]), await store.submit([ROW])
+        await store.claim(batch_size=1, block=1)  # takes the oldest, `taken`
+        return (
+            pending,
+            taken,
+            await store.cancel(pending),
+            await store.cancel(pending),
+            await store.cancel(taken),
+            await store.cancel("nosuchjob"),
+            await store.get(pending),
+        )
+
+    pending, taken, first, again, started, unknown, job = run(scenario)
+    assert (first, again, started, unknown) == ("cancelled", "cancelled", "processing", None)
+    assert job == {"job_id": pending, "status": "cancelled"}
+    assert db.llen("queue:predict") == 0
+    assert db.exists(f"job:{pending}:data") == 0
+    assert 0 < db.ttl(f"job:{pending}:status") <= DAY
+
+
+def test_requeued_jobs_go_back_to_the_head_in_order(db):
+    async def scenario(store):
+        a, b, c = [await store.submit([ROW]) for _ in range(3)]
+        held = [job_id for job_id, _ in await store.claim(batch_size=2, block=1)]
+        assert held == [a, b]
+        assert await store.requeue(held) == 2
+        statuses = [(await store.get(i))["status"] for i in (a, b, c)]
+        again = [job_id for job_id, _ in await store.claim(batch_size=3, block=1)]
+        return [a, b, c], statuses, again
+
+    ids, statuses, again = run(scenario)
+    assert statuses == ["pending"] * 3
+    assert again == ids
+
+
+def test_reaper_returns_jobs_held_past_the_visibility_timeout(db):
+    async def scenario(store):
+        job_id = await store.submit([ROW])
+        await store.claim(batch_size=1, block=1)  # ... and the worker dies
+        assert await store.reap(visibility_timeout=60) == 0
+        await asyncio.sleep(0.05)
+        assert await store.reap(visibility_timeout=0.01) == 1
+        status = (await store.get(job_id))["status"]
+        # The dead worker's late answer is not stored: the job is someone else's now.
+        late = await store.finish([(job_id, JobStatus.COMPLETED, "[]")])
+        return job_id, status, late
+
+    job_id, status, late = run(scenario)
+    assert (status, late) == ("pending", 0)
+    assert db.lrange("queue:predict", 0, -1) == [job_id]
+    assert db.llen("queue:predict:processing") == 0
+    assert db.zcard("queue:predict:claimed") == 0
+
+
+def test_a_job_claimed_without_a_claim_time_is_reaped_too(db):
+    """A worker that dies between BLMOVE and the CLAIM script leaves no claim time behind."""
+
+    async def scenario(store):
+        job_id = await store.submit([ROW])
+        await store.redis.lmove("queue:predict", "queue:predict:processing", "RIGHT", "LEFT")
+        assert await store.reap(visibility_timeout=0.01) == 0  # first seen: clock starts
+        await asyncio.sleep(0.05)
+        assert await store.reap(visibility_timeout=0.01) == 1
+        return job_id
+
+    job_id = run(scenario)
+    assert db.lrange("queue:predict", 0, -1) == [job_id]
+
+
+def test_recent_jobs_newest_first_paginated(db):
+    async def scenario(store):
+        ids = []
+        for _ in range(5):
+            ids.append(await store.submit([ROW]))
+            await asyncio.sleep(0.002)  # distinct millisecond scores
+        return ids, await store.recent_jobs(0, 2), await store.recent_jobs(4, 2)
+
+    ids, (total, first), (_, last) = run(scenario)
+    assert total == 5
+    assert [j["job_id"] for j in first] == [ids[4], ids[3]]
+    assert [j["job_id"] for j in last] == [ids[0]]
+    assert first[0]["status"] == "pending"
+
+
+def test_ids_are_short_and_distinct():
+    ids = [new_job_id() for _ in range(10000)]
+    assert len(set(ids)) == len(ids) and all(len(i) == 10 for i in ids)
