@@ -3,7 +3,9 @@
 import asyncio
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -32,12 +34,13 @@ def devtools(tmp_path):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its renderer and helper processes share the group
     )
     # With port 0 Chromium picks a free port and writes it to this file.
     port_file = tmp_path / "DevToolsActivePort"
     wait_until(lambda: port_file.exists() and port_file.read_text().strip(), 60, "Chromium")
     yield f"http://127.0.0.1:{port_file.read_text().split()[0]}"
-    browser.kill()
+    os.killpg(browser.pid, signal.SIGKILL)
     browser.wait()
 
 
