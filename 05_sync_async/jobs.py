@@ -130,15 +130,20 @@ def start(redis, keys: Keys, job_id: str) -> tuple[bytes | None, int]:
     return image, attempts
 
 
-def finish(redis, keys: Keys, job_id: str, result: dict, ttl: int) -> None:
-    """Write the result and release the job, all or nothing."""
+def finish(redis, keys: Keys, job_id: str, result: dict, ttl: int) -> bool:
+    """Write the result and release the job, all or nothing; False if it had an answer already.
+
+    The first answer wins (NX): a job can run twice when its claim expired while its worker was
+    merely slow, and the second run, finding the image gone, must not overwrite a good answer.
+    """
     with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.result(job_id), json.dumps(result), ex=ttl)
+        pipe.set(keys.result(job_id), json.dumps(result), ex=ttl, nx=True)
         pipe.delete(keys.image(job_id))
         pipe.lrem(keys.processing, 1, job_id)
         pipe.zrem(keys.claims, job_id)
         pipe.hdel(keys.attempts, job_id)
-        pipe.execute()
+        written, *_ = pipe.execute()
+    return bool(written)
 
 
 def reap(redis, keys: Keys, now: float, visibility_timeout: float) -> list[str]:

@@ -101,10 +101,10 @@ def work(settings: Settings) -> None:
             started = time.perf_counter()
             image, attempts = jobs.start(client, keys, job_id)
             result = run_job(model, settings, image, attempts)
-            jobs.finish(client, keys, job_id, result, settings.result_ttl)
+            written = jobs.finish(client, keys, job_id, result, settings.result_ttl)
             fields = {
                 "job_id": job_id,
-                "status": result["status"],
+                "status": result["status"] if written else "answered already",
                 "prediction": result["prediction"],
                 "ms": round(1000 * (time.perf_counter() - started), 1),
             }

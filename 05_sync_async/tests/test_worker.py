@@ -1,5 +1,6 @@
 """The background side: the accurate answer arrives, and survives dying workers and Redis."""
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,17 @@ def test_a_job_claimed_too_often_fails_instead_of_looping(start, db):
     db.lpush("queue:jobs", "abcdef")
     done = wait_until(lambda: result(db, "abcdef"), 60, "the failed result", worker)
     assert done == {"status": "failed", "prediction": "", "error": "gave up after 3 attempts"}
+
+
+def test_a_job_run_twice_keeps_its_first_answer(start, db):
+    # A claim that expired while its worker was only slow: the job comes back, already answered.
+    first = {"status": "complete", "prediction": "Egyptian cat"}
+    db.set("result:abcdef", json.dumps(first))
+    db.lpush("queue:jobs", "abcdef")
+    worker = start_worker(start)
+    wait_until(lambda: db.llen("queue:jobs") == 0, 60, "the job to be claimed", worker)
+    wait_until(lambda: not db.exists("queue:jobs:processing"), 60, "its release", worker)
+    assert result(db, "abcdef") == first
 
 
 def test_sigkill_mid_job_loses_nothing(start, db):
