@@ -78,6 +78,9 @@ def serve(create_app, settings) -> None:
         log_config=log_config(server.log_level),
         log_level=server.log_level,
         access_log=server.access_log,
+        # Named, not "auto": the same parser and loop in the venv, in Docker and in the bench.
+        http="httptools",
+        loop="uvloop",
         # Longer than the proxy's idle keep-alive (4 s), so the proxy never reuses a connection
         # that the service is closing at that very moment.
         timeout_keep_alive=30,
