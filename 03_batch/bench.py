@@ -88,15 +88,6 @@ def count_predicted(settings: Settings) -> int:
         conn.close()
 
 
-def drop(settings: Settings) -> None:
-    conn = db.connect(settings, database=False)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{settings.mysql_database}`")
-    finally:
-        conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -114,7 +105,7 @@ def main() -> None:
                 seconds, peaks = run_jobs(settings, processes, Path(logdir))
                 predicted = count_predicted(settings)
             finally:
-                drop(settings)
+                db.drop_database(settings)
             result = {
                 "processes": processes,
                 "rows": predicted,

@@ -46,6 +46,16 @@ def apply_schema(settings: Settings) -> None:
         conn.close()
 
 
+def drop_database(settings: Settings) -> None:
+    """For tests, the bench and the demo, which each work in a database of their own."""
+    conn = connect(settings, database=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{settings.mysql_database}`")
+    finally:
+        conn.close()
+
+
 class Pool:
     """A few reusable connections for the API's worker threads (a pymysql connection is not
     thread-safe, so each request borrows one for its duration)."""

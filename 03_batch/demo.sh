@@ -11,8 +11,7 @@ export MYSQL_DATABASE=batch_demo PORT=${PORT:-8000}
 URL="http://127.0.0.1:$PORT"
 
 drop_db() {
-  $PY -c 'import db; from config import Settings; s = Settings.from_env()
-c = db.connect(s, database=False); c.cursor().execute(f"DROP DATABASE IF EXISTS `{s.mysql_database}`")'
+  $PY -c 'import db; from config import Settings; db.drop_database(Settings.from_env())'
 }
 
 if $PY -c "import socket,sys; sys.exit(socket.socket().connect_ex(('127.0.0.1', $PORT)) != 0)"; then

@@ -10,6 +10,7 @@ locked by exactly one of them until its prediction is committed, so it is predic
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import db
 import jsonlog
 import numpy as np
+import pymysql
 from config import Settings
 from model import IrisModel
 
@@ -91,8 +93,11 @@ def worker(settings: Settings, model: IrisModel, claims: Claims, stop: threading
                     cur.execute(WRITE.format(rows=predict_chunk(model, rows)))
                     conn.commit()
                 except BaseException:
-                    conn.rollback()
                     stop.set()  # the other threads finish their chunk and stop
+                    # Undo the whole chunk. If the connection itself is gone, the server has
+                    # already rolled it back and released the row locks.
+                    with contextlib.suppress(pymysql.err.Error):
+                        conn.rollback()
                     raise
                 done += len(rows)
                 log.info(

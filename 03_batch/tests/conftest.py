@@ -42,22 +42,13 @@ def mysql_server():
         )
 
 
-def drop_database(settings: Settings) -> None:
-    conn = db.connect(settings, database=False)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{settings.mysql_database}`")
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def settings():
     """Settings for a fresh database of this test's own (batch_test_<random>), dropped after."""
     s = dataclasses.replace(BASE, mysql_database=f"batch_test_{secrets.token_hex(4)}")
     db.apply_schema(s)
     yield s
-    drop_database(s)
+    db.drop_database(s)
 
 
 def free_port() -> int:
