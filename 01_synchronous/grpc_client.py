@@ -39,6 +39,19 @@ def as_dict(message) -> dict:
     )
 
 
+def predict_request(
+    model: str, rows, version: int | None = None, signature_name: str = "serving_default"
+) -> predict_pb2.PredictRequest:
+    """A PredictRequest for rows [n, 4], built with tf.make_tensor_proto."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature_name
+    if version is not None:
+        request.model_spec.version.value = version
+    request.inputs["input"].CopyFrom(tf.make_tensor_proto(rows, dtype=tf.float32))
+    return request
+
+
 class GrpcClient:
     """One channel for the client's life (channels are expensive; stubs are cheap)."""
 
@@ -59,10 +72,8 @@ class GrpcClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _spec(self, spec, version: int | None, signature_name: str = "") -> None:
+    def _spec(self, spec, version: int | None) -> None:
         spec.name = self.model
-        if signature_name:
-            spec.signature_name = signature_name
         if version is not None:
             spec.version.value = version
 
@@ -76,17 +87,9 @@ class GrpcClient:
         self._spec(request.model_spec, version)
         return self.predictions.GetModelMetadata(request, timeout=self.timeout)
 
-    def predict_request(
-        self, rows, version: int | None = None, signature_name: str = "serving_default"
-    ) -> predict_pb2.PredictRequest:
-        request = predict_pb2.PredictRequest()
-        self._spec(request.model_spec, version, signature_name)
-        request.inputs["input"].CopyFrom(tf.make_tensor_proto(rows, dtype=tf.float32))
-        return request
-
     def predict(self, rows, version: int | None = None, signature_name="serving_default"):
         """Rows [n, 4] -> probabilities [n, 3] as a numpy array."""
-        request = self.predict_request(rows, version, signature_name)
+        request = predict_request(self.model, rows, version, signature_name)
         response = self.predictions.Predict(request, timeout=self.timeout)
         return tf.make_ndarray(response.outputs["output"])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import logging.config
@@ -108,6 +109,9 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(flags: argparse.Namespace) -> None:
     servable = Servable.load(flags.model_name, flags.model_base_path)
+    # TensorFlow leaves millions of long-lived objects; a full garbage collection walking them
+    # stalls every request for tens of ms. Freezing them keeps collections short (p99 latency).
+    gc.freeze()
     params = None
     if flags.enable_batching:
         params = (
@@ -134,6 +138,7 @@ async def serve(flags: argparse.Namespace) -> None:
             host="0.0.0.0",
             port=flags.rest_api_port,
             log_config=LOG_CONFIG,
+            http="httptools",  # the compiled parser: h11 (pure Python) halves the throughput
             access_log=False,
             lifespan="off",
         )
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.config.dictConfig(LOG_CONFIG)
     flags = parse_flags(argv)
     try:
+        # Plain asyncio, not uvloop: grpc.aio shares this loop and measured slower on uvloop.
         asyncio.run(serve(flags))
     except (FileNotFoundError, ValueError) as exc:
         log.error("cannot start: %s", exc)

@@ -4,6 +4,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from grpc_client import predict_request
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 TOLERANCE = 1e-5
@@ -36,7 +37,7 @@ def test_predict_equals_the_saved_model(grpc_client, iris, expected, size):
 
 
 def test_predict_response_carries_model_spec_and_float_val(grpc_client, iris):
-    request = grpc_client.predict_request(iris[0][:2], version=1)
+    request = predict_request("iris", iris[0][:2], version=1)
     response = grpc_client.predictions.Predict(request, timeout=30)
     assert response.model_spec.name == "iris" and response.model_spec.version.value == 1
     assert response.model_spec.signature_name == "serving_default"
@@ -76,13 +77,13 @@ def send(grpc_client, request):
 
 
 def test_wrong_shape_is_invalid_argument(grpc_client):
-    request = grpc_client.predict_request(np.array([[5.1, 3.5, 1.4]], np.float32))
+    request = predict_request("iris", np.array([[5.1, 3.5, 1.4]], np.float32))
     error = rpc_error(lambda: send(grpc_client, request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_wrong_input_name_is_invalid_argument(grpc_client):
-    request = grpc_client.predict_request(ROW)
+    request = predict_request("iris", ROW)
     request.inputs["x"].CopyFrom(request.inputs.pop("input"))
     error = rpc_error(lambda: send(grpc_client, request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -90,7 +91,7 @@ def test_wrong_input_name_is_invalid_argument(grpc_client):
 
 
 def test_non_numeric_values_are_invalid_argument(grpc_client):
-    request = grpc_client.predict_request(ROW)
+    request = predict_request("iris", ROW)
     request.inputs["input"].CopyFrom(tf.make_tensor_proto([["a", "b", "c", "d"]]))
     error = rpc_error(lambda: send(grpc_client, request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
