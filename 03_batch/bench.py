@@ -51,8 +51,9 @@ def insert_rows(settings: Settings, n: int) -> float:
     return time.perf_counter() - started
 
 
-def run_jobs(settings: Settings, processes: int, logdir: Path) -> tuple[float, list[float]]:
-    """Start the jobs together; returns wall seconds and each job's peak RSS in MiB."""
+def run_jobs(settings: Settings, processes: int, logdir: Path) -> tuple[float, list[float], float]:
+    """Start the jobs together; returns wall seconds, each job's peak RSS in MiB, and the CPU
+    seconds the jobs used (the rest of the time is the database's)."""
     env = dict(os.environ, MYSQL_DATABASE=settings.mysql_database)
     procs = []
     started = time.perf_counter()
@@ -62,7 +63,7 @@ def run_jobs(settings: Settings, processes: int, logdir: Path) -> tuple[float, l
             procs.append(subprocess.Popen(cmd, cwd=HERE, env=env, stdout=out, stderr=out))
     watchdog = threading.Timer(TIMEOUT_S, lambda: [p.kill() for p in procs])
     watchdog.start()
-    peaks, codes = [], []
+    peaks, codes, cpu = [], [], 0.0
     try:
         for p in procs:
             # wait4 rather than Popen.wait: it also returns the child's peak memory (KiB).
@@ -70,12 +71,13 @@ def run_jobs(settings: Settings, processes: int, logdir: Path) -> tuple[float, l
             p.returncode = os.waitstatus_to_exitcode(status)
             codes.append(p.returncode)
             peaks.append(usage.ru_maxrss / 1024)
+            cpu += usage.ru_utime + usage.ru_stime
     finally:
         watchdog.cancel()
     seconds = time.perf_counter() - started
     if any(codes):
         raise RuntimeError(f"a job exited with {codes}; logs in {logdir}")
-    return seconds, peaks
+    return seconds, peaks, cpu
 
 
 def count_predicted(settings: Settings) -> int:
@@ -102,7 +104,7 @@ def main() -> None:
             try:
                 insert_s = insert_rows(settings, args.rows)
                 print(f"inserted {args.rows:,} rows in {insert_s:.1f} s", flush=True)
-                seconds, peaks = run_jobs(settings, processes, Path(logdir))
+                seconds, peaks, cpu = run_jobs(settings, processes, Path(logdir))
                 predicted = count_predicted(settings)
             finally:
                 db.drop_database(settings)
@@ -112,6 +114,9 @@ def main() -> None:
                 "seconds": round(seconds, 1),
                 "rows_per_min": round(predicted / seconds * 60),
                 "peak_rss_mib": round(max(peaks), 1),
+                "job_cpu_s": round(cpu, 1),
+                # The machine is shared: the 1-minute load average says how busy it was.
+                "load_avg": round(os.getloadavg()[0], 1),
                 "insert_rows_per_min": round(args.rows / insert_s * 60),
             }
             print(f"{processes} job process(es): {result}", flush=True)
@@ -121,11 +126,12 @@ def main() -> None:
 
     print()
     print(f"batch job, {args.rows:,} rows, chunk {base.chunk_size}, {base.threads} threads/process")
-    print("processes  seconds  rows/min    peak RSS/process  (insert rows/min)")
+    print("processes  seconds   rows/min  peak RSS/process  job CPU s  load avg  insert rows/min")
     for r in results:
         print(
-            f"{r['processes']:>9}  {r['seconds']:>7}  {r['rows_per_min']:>10,}"
-            f"  {r['peak_rss_mib']:>10} MiB  ({r['insert_rows_per_min']:,})"
+            f"{r['processes']:>9}  {r['seconds']:>7}  {r['rows_per_min']:>9,}"
+            f"  {r['peak_rss_mib']:>12} MiB  {r['job_cpu_s']:>9}  {r['load_avg']:>8}"
+            f"  {r['insert_rows_per_min']:>15,}"
         )
     print(json.dumps({"bench": "03_batch", "rows": args.rows, "results": results}))
 

@@ -28,8 +28,8 @@ from model import IrisModel
 
 log = logging.getLogger("job")
 
-# The index is forced: with "predicted = 0 AND id > ?" MariaDB sometimes picks the primary key
-# and scans the predicted rows too, on every chunk. READ COMMITTED (set per connection below)
+# The index is forced: for "predicted = 0 AND id > ?" MariaDB was seen choosing a poor plan on
+# every chunk until it was. READ COMMITTED (set per connection below)
 # keeps the locking read from taking gap locks that would block the API's inserts.
 CLAIM = (
     "SELECT id, `values` FROM items FORCE INDEX (idx_items_predicted)"
