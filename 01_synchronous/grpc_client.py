@@ -113,18 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                 response = client.metadata(args.version)
                 signatures = get_model_metadata_pb2.SignatureDefMap()
                 response.metadata["signature_def"].Unpack(signatures)
-                print(
-                    json.dumps(
-                        {
-                            "model_spec": json_format.MessageToDict(response.model_spec),
-                            "signature_def": json_format.MessageToDict(signatures)["signatureDef"],
-                        },
-                        indent=2,
-                    )
-                )
+                document = {  # the shape of the REST answer, from the gRPC one
+                    "model_spec": as_dict(response.model_spec),
+                    "metadata": {"signature_def": as_dict(signatures)},
+                }
+                print(json.dumps(document, indent=2))
             else:
                 probabilities = client.predict(np.asarray(args.rows, np.float32), args.version)
-                print(json.dumps({"output": probabilities.tolist()}, indent=2))
+                print(json.dumps({"output": probabilities.tolist()}))
         except grpc.RpcError as exc:
             print(json.dumps({"code": exc.code().name, "details": exc.details()}), file=sys.stderr)
             return 1

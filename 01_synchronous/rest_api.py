@@ -131,6 +131,11 @@ def predict_json(outputs: dict[str, np.ndarray], row_format: bool) -> str:
 # ---- endpoints -------------------------------------------------------------------------------
 
 
+def pretty(document: dict) -> Response:
+    """Status and metadata indented as TensorFlow Serving prints them (one space per level)."""
+    return Response(json.dumps(document, indent=1), media_type="application/json")
+
+
 def error_response(exc: ServingError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=HTTP_STATUS.get(exc.code, 500))
 
@@ -146,8 +151,8 @@ async def handle(request: Request) -> Response:
                 raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "version labels are not served")
             version = int(version) if version else None
             if sub:
-                return JSONResponse(servable.metadata(name or "", version))
-            return JSONResponse(servable.status(name or "", version))
+                return pretty(servable.metadata(name or "", version))
+            return pretty(servable.status(name or "", version))
         if method == "POST" and (m := PREDICT_PATH.fullmatch(path)):
             name, version, label, verb = m.groups()
             if verb.lower() != "predict" or label:

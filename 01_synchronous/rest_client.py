@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"cannot reach {client.base}: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=None if args.command == "predict" else 2))
     return 0
 
 
