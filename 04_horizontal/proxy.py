@@ -30,7 +30,7 @@ DEFAULT_SERVICES = (
 
 
 def parse_services(text: str) -> dict[str, str]:
-    """ "name=url,name=url" -> {name: url}. The name is the label the service votes for."""
+    """Parse SERVICES, "name=url,name=url", into {name: url}; the name is the label it votes for."""
     services = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, url = item.partition("=")
