@@ -25,7 +25,7 @@ ROW = [5.9, 3.0, 5.1, 1.8]
 SUBMITS = {1: 1_000, 50: 10_000}  # requests per concurrency level
 MAX_SECONDS = 60  # per measurement: the bench always ends
 DRAIN_JOBS = 10_000
-BATCH_SIZE = int(os.environ.get("BATCH_SIZE", "64"))
+BATCH_SIZE = int(os.environ.get("BATCH_SIZE", "32"))  # as in compose.yaml and run.sh
 
 
 async def submit_load(url: str, concurrency: int, total: int) -> dict:

@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: http_error,
             InvalidInput: invalid_input,
             RedisError: redis_down,
-            IdCollision: redis_down,
+            IdCollision: no_free_id,
         },
         lifespan=lifespan,
         max_body_size=1 << 20,  # 1,000 rows of 4 numbers fit many times over
@@ -140,7 +140,7 @@ async def health(request: Request) -> JSONResponse:
         if "AVAILABLE" not in states:
             components["tensorflow_serving"] = f"error: model state {states}"
     except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as e:
-        components["tensorflow_serving"] = f"error: {e!r}"
+        components["tensorflow_serving"] = f"error: {str(e) or type(e).__name__}"
     healthy = all(v == "ok" for v in components.values())
     return JSONResponse(
         {"status": "healthy" if healthy else "unhealthy", "components": components},
@@ -154,7 +154,8 @@ async def metadata(request: Request) -> JSONResponse:
             response.raise_for_status()
             return JSONResponse(await response.json())
     except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-        raise HTTPException(503, f"tensorflow serving unavailable: {e!r}") from e
+        reason = str(e) or type(e).__name__
+        raise HTTPException(503, f"tensorflow serving unavailable: {reason}") from e
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -168,6 +169,10 @@ async def invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
 async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis unavailable", extra={"error": str(exc), "path": request.url.path})
     return JSONResponse({"detail": f"redis unavailable: {exc}"}, status_code=503)
+
+
+async def no_free_id(request: Request, exc: IdCollision) -> JSONResponse:
+    return JSONResponse({"detail": f"{exc}; try again"}, status_code=503)
 
 
 def main() -> None:
