@@ -158,15 +158,18 @@ def main() -> int:
             return 1
         return 0
 
-    # Loop mode: wait one interval, run, repeat. SIGTERM (docker stop) ends the wait at once.
+    # Loop mode: wait one interval, run, repeat. SIGTERM (docker stop) or Ctrl-C ends the wait
+    # at once; a run under way is finished first.
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
     log.info("waiting for the first batch", extra={"seconds": settings.interval})
     while not stopping.wait(settings.interval):
         try:
             run(settings, model)
         except Exception:
             log.exception("batch failed; retrying at the next interval")
+    log.info("stopped")
     return 0
 
 
