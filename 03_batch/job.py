@@ -37,7 +37,8 @@ CLAIM = (
 )
 COUNT = "SELECT COUNT(*) FROM items FORCE INDEX (idx_items_predicted) WHERE predicted = 0"
 # Every id exists and is locked by us, so each row takes the UPDATE branch. `values` is listed
-# only because the INSERT branch needs the NOT NULL column; it is never written.
+# only because the INSERT branch needs the NOT NULL column; it is never written. (VALUES() in
+# the UPDATE clause is deprecated, not removed, in MySQL 8.0; MariaDB has no newer spelling.)
 WRITE = (
     "INSERT INTO items (id, `values`, prediction) VALUES {rows}"
     " ON DUPLICATE KEY UPDATE prediction = VALUES(prediction)"
