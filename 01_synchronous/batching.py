@@ -69,6 +69,8 @@ class Scheduler:
         self._queues: dict[str, deque[_Task]] = {}
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self.batches = 0  # model calls made for batches, and the requests they carried
+        self.batched_requests = 0
 
     async def start(self) -> None:
         if self.params:
@@ -114,6 +116,8 @@ class Scheduler:
                 task = queue.popleft()
                 batch.append(task)
                 rows += task.rows
+            self.batches += 1
+            self.batched_requests += len(batch)
             merged = {k: np.concatenate([t.inputs[k] for t in batch]) for k in batch[0].inputs}
             try:
                 outputs = self._run(key, merged)

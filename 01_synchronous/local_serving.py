@@ -160,6 +160,12 @@ async def serve(flags: argparse.Namespace) -> None:
     finally:
         await grpc_server.stop(grace=1)
         await scheduler.stop()
+        if scheduler.batches:
+            log.info(
+                "batching: %d requests in %d model calls (%.1f per call)",
+                scheduler.batched_requests, scheduler.batches,
+                scheduler.batched_requests / scheduler.batches,
+            )  # fmt: skip
         log.info("stopped")
 
 
