@@ -147,12 +147,14 @@ async def handle(request: Request) -> Response:
     try:
         if method == "GET" and (m := STATUS_PATH.fullmatch(path)):
             name, version, label, sub = m.groups()
+            if not name:
+                raise invalid("Missing model name in request.")
             if label:
                 raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "version labels are not served")
             version = int(version) if version else None
             if sub:
-                return pretty(servable.metadata(name or "", version))
-            return pretty(servable.status(name or "", version))
+                return pretty(servable.metadata(name, version))
+            return pretty(servable.status(name, version))
         if method == "POST" and (m := PREDICT_PATH.fullmatch(path)):
             name, version, label, verb = m.groups()
             if verb.lower() != "predict" or label:

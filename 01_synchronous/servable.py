@@ -58,6 +58,7 @@ class Servable:
     version: int
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
     functions: dict  # signature name -> ConcreteFunction
+    loaded: object  # the loaded SavedModel: owns the variables the functions read
 
     @classmethod
     def load(cls, name: str, base_path: str | Path) -> Servable:
@@ -74,9 +75,7 @@ class Servable:
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
         loaded = tf.saved_model.load(str(path))
-        functions = dict(loaded.signatures)
-        functions["_keepalive"] = loaded  # the functions need the loaded object's variables
-        return cls(name, version, signature_defs, functions)
+        return cls(name, version, signature_defs, dict(loaded.signatures), loaded)
 
     # ---- which model and version a request names --------------------------------------------
 

@@ -28,6 +28,7 @@ MODEL_BASE_PATH = MODELS / "iris"
 REAL_SERVER = bool(os.environ.get("TF_SERVING_HOST"))
 STARTUP_TIMEOUT = 180  # seconds: loading TensorFlow on a busy 2-core machine is slow
 
+BATCHING_FLAGS = ("--enable_batching", f"--batching_parameters_file={CHAPTER / 'batching.config'}")
 local_only = pytest.mark.skipif(REAL_SERVER, reason="starts its own local server")
 
 
@@ -98,7 +99,8 @@ def server():
             )
         yield Server(host, rest_port, grpc_port)
         return
-    process, running = start_local_server()
+    # The flags `make run` and compose.yaml use: batching on, parameters from batching.config.
+    process, running = start_local_server(*BATCHING_FLAGS)
     try:
         yield running
     finally:

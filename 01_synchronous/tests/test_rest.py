@@ -119,6 +119,14 @@ def test_unknown_version_status_and_metadata_are_404(rest, call):
     assert info.value.status == 404
 
 
+def test_missing_model_name_is_400(server):
+    url = f"http://{server.host}:{server.rest_port}/v1/models"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(url, timeout=30)
+    assert info.value.code == 400
+    assert json.loads(info.value.read())["error"] == "Missing model name in request."
+
+
 def test_unknown_model_status_is_404(server):
     from rest_client import RestClient
 
