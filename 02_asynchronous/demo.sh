@@ -71,7 +71,8 @@ P=http://127.0.0.1:$PORT
 echo "## submit: the answer is a job id, at once"
 show 202 POST "$P/predict" '{"data": [[5.1, 3.5, 1.4, 0.2], [6.2, 2.9, 4.3, 1.3]]}'
 ID=$(job_id)
-echo "## poll until the worker has stored the result"
+echo "## read it at once (it may still be pending), then poll until the result is stored"
+show 200 GET "$P/job/$ID"
 poll "$ID" completed
 
 echo "## a high-priority job, and the fixed sample"

@@ -132,26 +132,28 @@ end
 return n
 """
 
-_REQUEUE = """
--- Put held jobs back at the head of the queue, first job frontmost.
--- KEYS: queue, processing, claimed   ARGV: ttl, ids in claim order
-local n = 0
-for i = #ARGV, 2, -1 do
-  local id = ARGV[i]
-  if redis.call('LREM', KEYS[2], 1, id) > 0 then
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('RPUSH', KEYS[1], id)
-    redis.call('SET', 'job:' .. id .. ':status', 'pending', 'EX', ARGV[1])
-    n = n + 1
-  end
+# Prepended to REQUEUE and REAP. KEYS: queue, processing, claimed.
+_GIVE_BACK = """
+local function give_back(id, ttl)  -- from processing to the head of the queue
+  if redis.call('LREM', KEYS[2], 1, id) == 0 then return 0 end
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('RPUSH', KEYS[1], id)
+  redis.call('SET', 'job:' .. id .. ':status', 'pending', 'EX', ttl)
+  return 1
 end
+"""
+
+_REQUEUE = """
+-- Put held jobs back, the first claimed frontmost.   ARGV: ttl, ids in claim order
+local n = 0
+for i = #ARGV, 2, -1 do n = n + give_back(ARGV[i], ARGV[1]) end
 return n
 """
 
 _REAP = """
--- Jobs claimed longer than the visibility timeout go back to the head of the queue: their
--- worker died or hung. A job seen without a claim time (its worker died between BLMOVE and
--- CLAIM) gets one now. KEYS: queue, processing, claimed   ARGV: timeout ms, ttl
+-- Jobs claimed longer than the visibility timeout go back: their worker died or hung. A job
+-- seen without a claim time (its worker died between BLMOVE and CLAIM) gets one now.
+-- ARGV: timeout ms, ttl
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local n = 0
@@ -160,11 +162,7 @@ for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   if not since then
     redis.call('ZADD', KEYS[3], now, id)
   elseif now - tonumber(since) > tonumber(ARGV[1]) then
-    redis.call('LREM', KEYS[2], 1, id)
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('RPUSH', KEYS[1], id)
-    redis.call('SET', 'job:' .. id .. ':status', 'pending', 'EX', ARGV[2])
-    n = n + 1
+    n = n + give_back(id, ARGV[2])
   end
 end
 return n
@@ -210,8 +208,8 @@ class JobStore:
         self._submit = redis.register_script(_SUBMIT)
         self._claim = redis.register_script(_CLAIM)
         self._finish = redis.register_script(_FINISH)
-        self._requeue = redis.register_script(_REQUEUE)
-        self._reap = redis.register_script(_REAP)
+        self._requeue = redis.register_script(_GIVE_BACK + _REQUEUE)
+        self._reap = redis.register_script(_GIVE_BACK + _REAP)
         self._cancel = redis.register_script(_CANCEL)
 
     @staticmethod
