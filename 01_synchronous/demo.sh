@@ -43,7 +43,7 @@ step() {
   fi
 }
 
-step '"state":"AVAILABLE"' "curl -s $URL"
+step '"state": "AVAILABLE"' "curl -s $URL"
 step '"signature_def"' "curl -s $URL/metadata"
 step '"predictions":\[\[' "curl -s -d '{\"instances\": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}' $URL:predict"
 step '"outputs":\[\[' "curl -s -d '{\"inputs\": {\"input\": [[5.9, 3.0, 5.1, 1.8]]}}' $URL/versions/1:predict"
