@@ -81,6 +81,8 @@ async def predict(request: Request) -> JSONResponse:
         raise InvalidInput(f"body is not valid JSON: {e}") from e
     if not isinstance(body, dict) or "data" not in body:
         raise InvalidInput('body must be a JSON object with a "data" key')
+    # Inline on the event loop: ~5 us for one row, ~1.5 ms for the largest body (1,000 rows).
+    # A thread would not check Python faster (GIL); it would only add a hop to every request.
     rows = validate_rows(body["data"])
     priority = body.get("priority", "normal")
     if priority not in PRIORITIES:
