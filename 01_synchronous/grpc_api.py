@@ -63,7 +63,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 }
             else:  # let validate() word the name mismatch
                 inputs = {k: np.zeros(0) for k in request.inputs}
-            outputs = await self.scheduler.predict(key, self.servable.validate(sig, inputs))
+            outputs = await self.scheduler.predict(key, self.servable.validate(key, inputs))
         except ServingError as exc:
             await context.abort(exc.code, exc.message)
         response = predict_pb2.PredictResponse()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 
 import grpc
 import numpy as np
@@ -28,6 +29,7 @@ STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
     re.IGNORECASE,
 )
+_FLOAT32 = struct.Struct("f")  # rounds a Python float to float32, to test a round-trip
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -103,15 +105,22 @@ def float_json(value: float) -> str:
     if not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     text = f"{value:g}"
-    if np.float32(text) != np.float32(value):
+    if _FLOAT32.unpack(_FLOAT32.pack(float(text)))[0] != value:
         text = f"{value:.9g}"
     return text if ("." in text or "e" in text) else text + ".0"
 
 
+def _json_value(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(_json_value, value)) + "]"
+    return float_json(value)
+
+
 def tensor_json(array: np.ndarray) -> str:
-    if array.ndim == 0:
-        return float_json(float(array)) if array.dtype.kind == "f" else json.dumps(array.item())
-    return "[" + ",".join(tensor_json(a) for a in array) + "]"
+    """A tensor as nested JSON lists; float32 values exactly as TensorFlow Serving prints them."""
+    if array.dtype.kind == "f":
+        return _json_value(array.astype(np.float32).tolist())
+    return json.dumps(array.tolist())
 
 
 def predict_json(outputs: dict[str, np.ndarray], row_format: bool) -> str:
@@ -143,7 +152,7 @@ def error_response(exc: ServingError) -> JSONResponse:
 async def handle(request: Request) -> Response:
     """Every /v1/... request: status, metadata or predict, routed as TensorFlow Serving does."""
     servable: Servable = request.app.state.servable
-    path, method = request.url.path, request.method
+    path, method = request.scope["path"], request.method
     try:
         if method == "GET" and (m := STATUS_PATH.fullmatch(path)):
             name, version, label, sub = m.groups()
@@ -176,7 +185,7 @@ async def predict(request: Request, servable: Servable, name: str, version: int 
         name = signature_name or "serving_default"
         raise invalid(f'Serving signature name: "{name}" not found in signature def') from None
     inputs, row_format = parse_inputs(doc, list(sig.inputs))
-    inputs = servable.validate(sig, inputs)
+    inputs = servable.validate(key, inputs)
     scheduler: Scheduler = request.app.state.scheduler
     outputs = await scheduler.predict(key, inputs)
     field = "predictions" if row_format else "outputs"

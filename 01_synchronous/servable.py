@@ -60,6 +60,21 @@ class Servable:
     functions: dict  # signature name -> ConcreteFunction
     loaded: object  # the loaded SavedModel: owns the variables the functions read
 
+    def __post_init__(self) -> None:
+        # Per signature and input: (shape with -1 for any size, or None if unknown rank; dtype),
+        # worked out once here rather than from the protos on every request.
+        self.input_specs = {
+            key: {
+                name: (
+                    None if info.tensor_shape.unknown_rank
+                    else [d.size for d in info.tensor_shape.dim],
+                    np.dtype(tf.dtypes.as_dtype(info.dtype).as_numpy_dtype),
+                )
+                for name, info in sig.inputs.items()
+            }
+            for key, sig in self.signature_defs.items()
+        }  # fmt: skip
+
     @classmethod
     def load(cls, name: str, base_path: str | Path) -> Servable:
         base = Path(base_path).resolve()
@@ -141,12 +156,11 @@ class Servable:
             )
         return key, sig
 
-    def validate(
-        self, sig: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
+    def validate(self, signature_key: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Same names as the signature, numbers only, shapes compatible: else INVALID_ARGUMENT."""
-        if set(inputs) != set(sig.inputs):
-            sent, wanted = sorted(inputs), sorted(sig.inputs)
+        specs = self.input_specs[signature_key]
+        if inputs.keys() != specs.keys():
+            sent, wanted = sorted(inputs), sorted(specs)
             raise invalid(
                 f"input size does not match signature: {len(sent)}!={len(wanted)} "
                 f"len({{{','.join(sent)}}}) != len({{{','.join(wanted)}}}). "
@@ -155,20 +169,18 @@ class Servable:
             )
         checked = {}
         for key, value in inputs.items():
-            info = sig.inputs[key]
+            shape, dtype = specs[key]
             if value.dtype.kind not in "iuf":
-                want = tf.dtypes.as_dtype(info.dtype).name
-                raise invalid(f"{key}: expects {want} values but got {value.dtype.name}")
-            expected = [d.size for d in info.tensor_shape.dim]
-            shape_ok = len(expected) == value.ndim and all(
-                e in (-1, s) for e, s in zip(expected, value.shape, strict=True)
-            )
-            if not info.tensor_shape.unknown_rank and not shape_ok:
+                raise invalid(f"{key}: expects {dtype.name} values but got {value.dtype.name}")
+            if shape is not None and not (
+                len(shape) == value.ndim
+                and all(e in (-1, s) for e, s in zip(shape, value.shape, strict=True))
+            ):
                 raise invalid(
-                    f"{key}: expected shape [{','.join(map(str, expected))}] "
+                    f"{key}: expected shape [{','.join(map(str, shape))}] "
                     f"but got [{','.join(map(str, value.shape))}]"
                 )
-            checked[key] = value.astype(tf.dtypes.as_dtype(info.dtype).as_numpy_dtype, copy=False)
+            checked[key] = value.astype(dtype, copy=False)
         return checked
 
     def run(self, signature_key: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
