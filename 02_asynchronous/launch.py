@@ -73,8 +73,13 @@ class Process:
         os.close(fd)
         self.pid = self.popen.pid
 
+    def text(self) -> str:
+        """Everything the process has printed so far."""
+        return Path(self.log_path).read_text()
+
     def output(self, tail: int = 4000) -> str:
-        return f"\n--- {self.name} output ---\n" + Path(self.log_path).read_text()[-tail:]
+        """The end of it, headed with the name: for failure messages."""
+        return f"\n--- {self.name} output ---\n" + self.text()[-tail:]
 
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:
@@ -129,9 +134,11 @@ def start_proxy(env: dict, timeout: float = 60) -> Process:
 
 
 def start_worker(env: dict, timeout: float = 120) -> Process:
-    """Returns once the worker has logged that it started (TensorFlow's import takes a while)."""
+    """Returns once every worker process (NUM_WORKERS) has logged that it started: importing
+    TensorFlow takes a while."""
     proc = Process("worker", [sys.executable, "worker.py"], env)
-    wait_until(lambda: '"worker started"' in proc.output(), timeout, "worker", proc)
+    count = int(env.get("NUM_WORKERS", "1"))
+    wait_until(lambda: proc.text().count('"worker started"') >= count, timeout, "worker", proc)
     return proc
 
 

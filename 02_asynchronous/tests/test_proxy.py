@@ -117,4 +117,4 @@ def test_sigterm_stops_the_proxy(db, procs):
     proc.signal(signal.SIGTERM)
     # uvicorn shuts down cleanly, then re-raises the signal so the exit status says why.
     assert proc.popen.wait(15) in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in proc.output()
+    assert "Application shutdown complete" in proc.text()

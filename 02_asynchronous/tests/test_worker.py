@@ -112,7 +112,7 @@ def test_jobs_wait_while_tf_serving_is_down(db, procs):
     time.sleep(3)  # the worker tries, gives the jobs back, backs off, tries again
     statuses = db.mget([f"job:{i}:status" for i in ids])
     assert set(statuses) <= {"pending", "processing"}
-    assert "jobs returned to the queue" in worker.output()
+    assert "jobs returned to the queue" in worker.text()
 
     procs.tf_serving(grpc_port, rest_port)
     jobs = wait_jobs(db, env, ids, timeout=60)
@@ -125,7 +125,7 @@ def test_inference_errors_are_retried_then_failed(db, procs, env):
     job = wait_jobs(db, env, submit_many(env, [{"data": [SETOSA]}]))[0]
     assert job["status"] == "failed"
     assert "after 3 attempts" in job["error"]
-    assert worker.output().count("predict failed, retrying") == 2
+    assert worker.text().count("predict failed, retrying") == 2
 
 
 def test_invalid_data_in_the_queue_fails_that_job_only(db, procs, env):
@@ -147,10 +147,27 @@ def test_sigterm_returns_or_finishes_in_flight_jobs(db, procs, env):
     ids = submit_many(env, [{"data": [VERSICOLOR]}] * 50)
     worker.signal(signal.SIGTERM)
     assert worker.popen.wait(20) == 0
-    assert '"worker stopped"' in worker.output()
+    assert '"worker stopped"' in worker.text()
     assert db.llen("queue:predict:processing") == 0  # nothing left held
     statuses = db.mget([f"job:{i}:status" for i in ids])
     assert set(statuses) <= {"pending", "completed"}
+
+
+def test_num_workers_processes_share_the_queue_and_stop_together(db, procs, env, reference, iris):
+    procs.proxy(env)
+    supervisor = procs.worker(env | {"NUM_WORKERS": "2", "BATCH_SIZE": "4"})
+    rows = [i % 150 for i in range(200)]
+    ids = submit_many(env, [{"data": [iris[0][r]]} for r in rows])
+    assert_matches_reference(wait_jobs(db, env, ids), rows, reference)
+    pids = {
+        json.loads(line)["pid"]
+        for line in supervisor.text().splitlines()
+        if '"worker started"' in line
+    }
+    assert len(pids) == 2 and supervisor.pid not in pids
+    supervisor.signal(signal.SIGTERM)  # forwarded to both children
+    assert supervisor.popen.wait(20) == 0
+    assert supervisor.text().count('"worker stopped"') == 2
 
 
 def test_redis_restart_worker_reconnects(procs, tf_serving):
@@ -162,7 +179,7 @@ def test_redis_restart_worker_reconnects(procs, tf_serving):
     worker = procs.worker(env)
     redis_proc.stop()
     time.sleep(2)
-    assert "redis unavailable, retrying" in worker.output()
+    assert "redis unavailable, retrying" in worker.text()
     procs.redis(port)
     db = redis.Redis(port=port, decode_responses=True)
     jobs = wait_jobs(db, env, submit_many(env, [{"data": [SETOSA]}]), timeout=30)
