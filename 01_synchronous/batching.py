@@ -1,6 +1,6 @@
 """Server-side batching, the way TensorFlow Serving's --enable_batching does it.
 
-Concurrent Predict calls for the same signature wait in a queue; a batch thread takes as many
+Concurrent Predict calls for the same signature wait in a queue; the batch loop takes as many
 rows as it can (up to max_batch_size), runs the model once, and hands each caller its slice.
 One model call costs about the same for 1 row as for 100, so under load this multiplies the
 throughput; with a single client it adds nothing but a queue hop (batch_timeout_micros=0 never

@@ -7,8 +7,8 @@ same SavedModel with TensorFlow itself:
         --model_name=iris --model_base_path=../models/iris [--enable_batching]
 
 It is ready when `GET /v1/models/iris` reports state AVAILABLE. Flags default to the
-environment variables of the tensorflow/serving image (PORT, REST_API_PORT, MODEL_NAME,
-MODEL_BASE_PATH), read once here.
+environment variables of the tensorflow/serving image (PORT, REST_API_PORT, MODEL_NAME, and
+MODEL_BASE_PATH, the directory holding the model's directory), read once here.
 """
 
 from __future__ import annotations
@@ -85,10 +85,12 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
         default=int(env.get("REST_API_PORT", "8501")),
         help="port for the HTTP/REST API (0 disables it)",
     )
-    parser.add_argument("--model_name", default=env.get("MODEL_NAME", "iris"))
+    model_name = env.get("MODEL_NAME", "iris")
+    parser.add_argument("--model_name", default=model_name)
     parser.add_argument(
         "--model_base_path",
-        default=env.get("MODEL_BASE_PATH", "../models/iris"),
+        # As in the tensorflow/serving image: $MODEL_BASE_PATH/$MODEL_NAME.
+        default=os.path.join(env.get("MODEL_BASE_PATH", "../models"), model_name),
         help="directory holding numbered version directories",
     )
     parser.add_argument(
