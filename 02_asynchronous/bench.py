@@ -101,16 +101,16 @@ def drain(r: redis.Redis, proxy_url: str, env: dict, workers: int) -> dict:
 
 
 def main() -> int:
-    url_redis = redis_url(db=3)
-    r = redis.Redis.from_url(url_redis, decode_responses=True)
+    bench_redis = redis_url(db=3)
+    r = redis.Redis.from_url(bench_redis, decode_responses=True)
     try:
         r.ping()
     except redis.ConnectionError as e:
-        sys.exit(f"bench: no Redis at {url_redis} ({e}); start one (e.g. redis-server)")
+        sys.exit(f"bench: no Redis at {bench_redis} ({e}); start one (e.g. redis-server)")
     r.flushdb()
     grpc_port, rest_port, http_port = free_port(), free_port(), free_port()
     env = {
-        "REDIS_URL": url_redis,
+        "REDIS_URL": bench_redis,
         "TF_SERVING_GRPC_PORT": str(grpc_port),
         "TF_SERVING_REST_PORT": str(rest_port),
         "PORT": str(http_port),
@@ -143,7 +143,7 @@ def main() -> int:
             f"{f'drain, {w} worker(s), batch {BATCH_SIZE}':<34}{d['completed']:>8}"
             f"{d['jobs_s']:>10.0f}{missing}"
         )
-    print(f"machine: {os.cpu_count()} cores, shared; loopback; Redis {url_redis}")
+    print(f"machine: {os.cpu_count()} cores, shared; loopback; Redis {bench_redis}")
     headline = {
         "submit_c1_rps": round(submit[1]["rps"]),
         "submit_c1_p50_ms": round(submit[1]["p50_ms"], 2),
