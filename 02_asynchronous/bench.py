@@ -11,6 +11,7 @@ The last line printed is one JSON object with the headline figures.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -82,8 +83,9 @@ def drain(r: redis.Redis, proxy_url: str, env: dict, workers: int) -> dict:
     r.flushdb()
     asyncio.run(fill_queue(proxy_url, DRAIN_JOBS))
     r.rename("queue:predict", "bench:parked")
-    procs = [start_worker(env) for _ in range(workers)]
-    try:
+    with contextlib.ExitStack() as stack:
+        for _ in range(workers):
+            stack.callback(start_worker(env).close)
         started = time.perf_counter()
         r.rename("bench:parked", "queue:predict")  # wakes the workers blocked in BLMOVE
         deadline = time.monotonic() + MAX_SECONDS
@@ -92,13 +94,10 @@ def drain(r: redis.Redis, proxy_url: str, env: dict, workers: int) -> dict:
                 break
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
-        ids = r.zrange("jobs:recent", 0, -1)
-        statuses = r.mget([f"job:{i}:status" for i in ids])
-        done = sum(s == "completed" for s in statuses)
-        return {"workers": workers, "jobs": len(ids), "completed": done, "jobs_s": done / elapsed}
-    finally:
-        for p in procs:
-            p.close()
+    ids = r.zrange("jobs:recent", 0, -1)
+    statuses = r.mget([f"job:{i}:status" for i in ids])
+    done = sum(s == "completed" for s in statuses)
+    return {"workers": workers, "jobs": len(ids), "completed": done, "jobs_s": done / elapsed}
 
 
 def main() -> int:
@@ -120,16 +119,13 @@ def main() -> int:
         "NUM_WORKERS": "1",
     }
     url = f"http://127.0.0.1:{http_port}/predict"
-    tf_serving = start_tf_serving(grpc_port, rest_port)
-    proxy = start_proxy(env)
-    try:
+    with contextlib.ExitStack() as stack:  # every process is stopped, whatever happens
+        stack.callback(r.flushdb)
+        stack.callback(start_tf_serving(grpc_port, rest_port).close)
+        stack.callback(start_proxy(env).close)
         submit = {c: asyncio.run(submit_load(url, c, n)) for c, n in SUBMITS.items()}
         r.flushdb()
         drains = {w: drain(r, url, env, w) for w in (1, 2)}
-    finally:
-        proxy.close()
-        tf_serving.close()
-        r.flushdb()
 
     print(f"\n{'measurement':<34}{'count':>8}{'rate /s':>10}{'p50 ms':>9}{'p99 ms':>9}")
     for c, s in submit.items():

@@ -47,19 +47,23 @@ def http(method: str, url: str, body=None, timeout: float = 10) -> tuple[int, di
         return e.code, json.loads(e.read() or b"null")
 
 
-def wait_until(check, timeout: float, what: str, proc: "Process | None" = None) -> None:
+def ready(proc: "Process", check, timeout: float, what: str) -> "Process":
+    """Return proc once check() is true. If it exits or times out: stop it, raise with its log."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.popen.poll() is not None:
-            raise RuntimeError(f"{what}: process exited early\n{proc.output()}")
-        try:
-            if check():
-                return
-        except (OSError, ValueError):
-            pass  # not up yet
-        time.sleep(0.1)
-    log = proc.output() if proc is not None else ""
-    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s{log}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{what}: process exited early{proc.output()}")
+            try:
+                if check():
+                    return proc
+            except (OSError, ValueError):
+                pass  # not up yet
+            time.sleep(0.1)
+        raise TimeoutError(f"{what}: not ready after {timeout:.0f} s{proc.output()}")
+    except BaseException:
+        proc.close()
+        raise
 
 
 class Process:
@@ -122,15 +126,13 @@ def start_tf_serving(grpc_port: int, rest_port: int, timeout: float = 180) -> Pr
         status, body = http("GET", url, timeout=2)
         return status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
 
-    wait_until(available, timeout, url, proc)
-    return proc
+    return ready(proc, available, timeout, url)
 
 
 def start_proxy(env: dict, timeout: float = 60) -> Process:
     proc = Process("proxy", [sys.executable, "proxy.py"], env)
     url = f"http://127.0.0.1:{env['PORT']}/jobs"
-    wait_until(lambda: http("GET", url, timeout=2)[0] == 200, timeout, url, proc)
-    return proc
+    return ready(proc, lambda: http("GET", url, timeout=2)[0] == 200, timeout, url)
 
 
 def start_worker(env: dict, timeout: float = 120) -> Process:
@@ -138,8 +140,7 @@ def start_worker(env: dict, timeout: float = 120) -> Process:
     TensorFlow takes a while."""
     proc = Process("worker", [sys.executable, "worker.py"], env)
     count = int(env.get("NUM_WORKERS", "1"))
-    wait_until(lambda: proc.text().count('"worker started"') >= count, timeout, "worker", proc)
-    return proc
+    return ready(proc, lambda: proc.text().count('"worker started"') >= count, timeout, "worker")
 
 
 def start_redis(port: int, timeout: float = 10) -> Process:
@@ -163,5 +164,4 @@ def start_redis(port: int, timeout: float = 10) -> Process:
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
 
-    wait_until(pong, timeout, f"redis-server on port {port}", proc)
-    return proc
+    return ready(proc, pong, timeout, f"redis-server on port {port}")
