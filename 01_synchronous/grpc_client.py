@@ -10,7 +10,6 @@ built with tf.make_tensor_proto, as TensorFlow Serving's users do.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: q
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from cli import client_parser  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_metadata_pb2,
@@ -28,8 +28,6 @@ from tensorflow_serving.apis import (  # noqa: E402
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-
-SAMPLE_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]
 
 
 def as_dict(message) -> dict:
@@ -95,15 +93,7 @@ class GrpcClient:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="TensorFlow Serving gRPC client")
-    parser.add_argument("command", choices=["status", "metadata", "predict"])
-    parser.add_argument("--host", default=os.environ.get("TF_SERVING_HOST", "localhost"))
-    parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("TF_SERVING_GRPC_PORT", "8500"))
-    )
-    parser.add_argument("--model", default="iris")
-    parser.add_argument("--version", type=int, default=None)
-    parser.add_argument("--rows", type=json.loads, default=SAMPLE_ROWS, help="JSON list of rows")
+    parser = client_parser("TensorFlow Serving gRPC client", "TF_SERVING_GRPC_PORT", 8500)
     args = parser.parse_args(argv)
     with GrpcClient(args.host, args.port, args.model) as client:
         try:

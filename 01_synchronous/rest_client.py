@@ -9,14 +9,12 @@ Host and port come from --host/--port or TF_SERVING_HOST / TF_SERVING_REST_PORT.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
 
-SAMPLE_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]
+from cli import client_parser
 
 
 class ServingError(Exception):
@@ -72,15 +70,7 @@ class RestClient:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="TensorFlow Serving REST client")
-    parser.add_argument("command", choices=["status", "metadata", "predict"])
-    parser.add_argument("--host", default=os.environ.get("TF_SERVING_HOST", "localhost"))
-    parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("TF_SERVING_REST_PORT", "8501"))
-    )
-    parser.add_argument("--model", default="iris")
-    parser.add_argument("--version", type=int, default=None)
-    parser.add_argument("--rows", type=json.loads, default=SAMPLE_ROWS, help="JSON list of rows")
+    parser = client_parser("TensorFlow Serving REST client", "TF_SERVING_REST_PORT", 8501)
     parser.add_argument("--columnar", action="store_true", help="send `inputs`, not `instances`")
     args = parser.parse_args(argv)
     client = RestClient(args.host, args.port, args.model)
