@@ -32,13 +32,21 @@ cleanup() {
 trap cleanup EXIT
 drop_db
 
+print_request() {  # the request as a reader would type it (the README shows these lines)
+  case "$1 $2" in
+    GET*\?*) echo "\$ curl '$URL$2'" ;;
+    GET*) echo "\$ curl $URL$2" ;;
+    *) echo "\$ curl -X $1 $URL$2${3:+ -d '$3'}" ;;
+  esac
+}
+
 show() {  # show METHOD PATH [JSON]: print the request and the answer; fail on a non-2xx status
-  echo "\$ curl -X $1 $URL$2${3:+ -d '$3'}"
+  print_request "$@"
   curl -sS --fail-with-body -X "$1" "$URL$2" ${3:+-H 'Content-Type: application/json' -d "$3"}
   echo; echo
 }
 show_error() {  # show_error METHOD PATH JSON EXPECTED_STATUS
-  echo "\$ curl -X $1 $URL$2${3:+ -d '$3'}"
+  print_request "$@"
   status=$(curl -sS -o "$LOGS/body" -w '%{http_code}' -X "$1" "$URL$2" ${3:+-d "$3"})
   cat "$LOGS/body"; echo "   (HTTP $status)"; echo
   [ "$status" = "$4" ] || { echo "demo: expected HTTP $4" >&2; exit 1; }
