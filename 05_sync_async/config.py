@@ -43,7 +43,7 @@ class Settings:
             labels_path=_path("LABELS_PATH", "../models/imagenet/labels.json"),
             sample_image_path=_path("SAMPLE_IMAGE_PATH", "samples/chelsea.jpg"),
             max_image_bytes=int(env("MAX_IMAGE_BYTES", str(5 * 1024 * 1024))),
-            max_image_pixels=int(env("MAX_IMAGE_PIXELS", str(40_000_000))),
+            max_image_pixels=int(env("MAX_IMAGE_PIXELS", str(10_000_000))),
             result_ttl=int(env("RESULT_TTL", "3600")),
             num_workers=int(env("NUM_WORKERS", "2")),
             visibility_timeout=float(env("VISIBILITY_TIMEOUT", "30")),

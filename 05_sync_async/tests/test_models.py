@@ -54,3 +54,35 @@ def test_decode_refuses_what_is_not_an_image_or_too_big():
         decode_image(b"GIF89a but not really", max_pixels=10**7)
     with pytest.raises(InvalidImage, match="pixels"):
         decode_image(SAMPLE, max_pixels=1000)
+
+
+def encoded(size: tuple[int, int], image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, format=image_format, compress_level=9)
+    return buffer.getvalue()
+
+
+def test_decode_accepts_only_jpeg_png_and_webp():
+    for image_format in ("JPEG", "PNG", "WEBP"):
+        assert decode_image(encoded((300, 300), image_format), max_pixels=10**7).size == (224, 224)
+    for image_format in ("GIF", "BMP", "TIFF", "ICO", "PPM"):
+        with pytest.raises(InvalidImage, match="JPEG, PNG or WebP"):
+            decode_image(encoded((300, 300), image_format), max_pixels=10**7)
+
+
+def test_a_small_file_of_many_pixels_is_refused_before_decoding():
+    # 4000x4000 black pixels compress to a few tens of KB, and would take ~64 MB to decode.
+    bomb = encoded((4000, 4000), "PNG")
+    assert len(bomb) < 50_000
+    with pytest.raises(InvalidImage, match="pixels"):
+        decode_image(bomb, max_pixels=Settings.from_env().max_image_pixels)
+    # A JPEG of the same size is decoded at 1/8 scale (500x500), well within the bound.
+    photo = encoded((4000, 4000), "JPEG")
+    assert decode_image(photo, max_pixels=Settings.from_env().max_image_pixels).size == (224, 224)
+
+
+def test_errors_do_not_show_python_objects():
+    for data in (b"hello, world", SAMPLE[: len(SAMPLE) // 2], encoded((300, 300), "GIF")):
+        with pytest.raises(InvalidImage) as caught:
+            decode_image(data, max_pixels=10**7)
+        assert "object at" not in str(caught.value) and "<" not in str(caught.value)

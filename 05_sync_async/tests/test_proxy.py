@@ -74,6 +74,7 @@ def test_bad_requests_are_400_and_queue_nothing(proxy, db):
         status, body = predict(proxy, payload)
         assert status == 400, (name, body)
         assert set(body) == {"error"}, name
+        assert "object at" not in body["error"], (name, body)  # no Python reprs
     assert db.dbsize() == 0
 
 
