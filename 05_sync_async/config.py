@@ -24,6 +24,7 @@ class Settings:
     sample_image_path: Path
     max_image_bytes: int
     max_image_pixels: int
+    decode_threads: int
     result_ttl: int
     num_workers: int
     visibility_timeout: float
@@ -44,6 +45,7 @@ class Settings:
             sample_image_path=_path("SAMPLE_IMAGE_PATH", "samples/chelsea.jpg"),
             max_image_bytes=int(env("MAX_IMAGE_BYTES", str(5 * 1024 * 1024))),
             max_image_pixels=int(env("MAX_IMAGE_PIXELS", str(10_000_000))),
+            decode_threads=int(env("DECODE_THREADS", "2")),
             result_ttl=int(env("RESULT_TTL", "3600")),
             num_workers=int(env("NUM_WORKERS", "2")),
             visibility_timeout=float(env("VISIBILITY_TIMEOUT", "30")),

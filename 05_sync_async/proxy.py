@@ -5,17 +5,18 @@ GET  /job/{job_id}                       -> {"<job_id>": {"prediction", "status"
 GET  /predict/test | /health | /metadata
 """
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import json
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 import uvicorn
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
@@ -46,6 +47,10 @@ async def lifespan(app: Starlette):
     app.state.model = Classifier(settings.sync_model_path, labels, efficientnet_input)
     app.state.sample = settings.sample_image_path.read_bytes()
     app.state.page = (HERE / "index.html").read_text()
+    # Decoding plus the fast model take milliseconds of CPU: they run in this pool, so the event
+    # loop keeps serving other requests (onnxruntime releases the GIL). Its size bounds how many
+    # images are decoded at once, so memory is bounded by the pool, not by the clients.
+    app.state.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     app.state.redis = aioredis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, socket_timeout=5
     )
@@ -54,6 +59,7 @@ async def lifespan(app: Starlette):
         yield
     finally:
         await app.state.redis.aclose()
+        app.state.decoder.shutdown()
 
 
 async def read_image_data(request: Request, max_image_bytes: int) -> bytes:
@@ -86,9 +92,7 @@ async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
         return state.model.top_k(decode_image(image, state.settings.max_image_pixels))
 
     try:
-        # Decoding plus the fast model take milliseconds of CPU: run them in the thread pool so
-        # the event loop keeps serving other requests (onnxruntime releases the GIL).
-        top5 = await run_in_threadpool(fast_top5)
+        top5 = await asyncio.get_running_loop().run_in_executor(state.decoder, fast_top5)
     except InvalidImage as exc:
         return error(400, str(exc))
     # Queue only what the fast model could read, so a bad upload never reaches the worker.

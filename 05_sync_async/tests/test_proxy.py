@@ -5,6 +5,8 @@ import base64
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from conftest import CAT_CLASSES, REDIS_URL, SAMPLE_B64, free_port, http, start_proxy
@@ -109,3 +111,15 @@ def test_redis_down_is_503_not_500(start):
     status, body = predict(base, {"image_data": SAMPLE_B64})
     assert (status, set(body)) == (503, {"error"})
     assert http("GET", f"{base}/health")[0] == 503
+
+
+def test_decodes_run_at_most_decode_threads_at_once(start, db):
+    # Each decode holds up to ~8 bytes per pixel: their number, not the clients', bounds memory.
+    process, base = start_proxy(start, DECODE_THREADS=1)
+    image = png(3000, 3000)  # 9 M pixels: a slow decode, just under the default limit
+    assert predict(base, {"image_data": image})[0] == 200  # the decode thread now exists
+    threads = len(list(Path(f"/proc/{process.popen.pid}/task").iterdir()))
+    with ThreadPoolExecutor(8) as clients:
+        answers = list(clients.map(lambda _: predict(base, {"image_data": image}), range(8)))
+    assert [status for status, _ in answers] == [200] * 8
+    assert len(list(Path(f"/proc/{process.popen.pid}/task").iterdir())) == threads
