@@ -17,6 +17,7 @@ def _path(name: str, default: str) -> Path:
 class Settings:
     port: int
     redis_url: str
+    redis_timeout: float
     queue_name: str
     sync_model_path: Path
     async_model_path: Path
@@ -38,6 +39,7 @@ class Settings:
         return cls(
             port=int(env("PORT", "8000")),
             redis_url=env("REDIS_URL", "redis://127.0.0.1:6379/5"),
+            redis_timeout=float(env("REDIS_TIMEOUT", "2")),
             queue_name=env("QUEUE_NAME", "queue:jobs"),
             sync_model_path=_path("SYNC_MODEL_PATH", "../models/imagenet/efficientnet_lite0.onnx"),
             async_model_path=_path("ASYNC_MODEL_PATH", "../models/imagenet/resnet50.onnx"),

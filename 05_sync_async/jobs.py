@@ -4,6 +4,7 @@
     queue:jobs:processing  List    job ids a worker has claimed (BLMOVE) and not yet finished
     queue:jobs:claims      ZSet    job id -> deadline; a claim past it is handed out again
     queue:jobs:attempts    Hash    job id -> number of claims, to stop retrying a poison job
+    submit:{id}            String  the token of the submission that owns the id (TTL 1 h)
     image:{id}             String  the uploaded image bytes (TTL 1 h), deleted once answered
     result:{id}            String  JSON {"status", "prediction", "top5", ...} (TTL 1 h)
 
@@ -46,6 +47,10 @@ class Keys:
         return f"{self.queue}:attempts"
 
     @staticmethod
+    def submitted(job_id: str) -> str:
+        return f"submit:{job_id}"
+
+    @staticmethod
     def image(job_id: str) -> str:
         return f"image:{job_id}"
 
@@ -54,12 +59,17 @@ class Keys:
         return f"result:{job_id}"
 
 
-# Reserve the id and enqueue in one atomic step: an id is refused while its image or its result
-# still exists, so two live jobs never share an id, and no image is ever stored without its job.
+# Reserve the id and enqueue in one atomic step: an id is refused while its submission or its
+# result still exists, so two live jobs never share an id, and no image is ever stored without its
+# job. Idempotent: a retried call (same id, same token) whose first run did happen, but whose reply
+# was lost, finds its own token and answers 1 again instead of queueing a second job.
 SUBMIT = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('LPUSH', KEYS[3], ARGV[3])
+local owner = redis.call('GET', KEYS[1])
+if owner then return owner == ARGV[1] and 1 or 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('LPUSH', KEYS[4], ARGV[4])
 return 1
 """
 
@@ -88,12 +98,17 @@ def new_job_id() -> str:
 
 
 async def submit(redis, keys: Keys, image: bytes, ttl: int, new_id: Callable[[], str] = new_job_id):
-    """Store the image and queue its job; returns the new job id."""
+    """Store the image and queue its job; returns the new job id.
+
+    Safe to retry (redis-py retries a command whose connection failed): the id and the token are
+    chosen before the first attempt, and only a taken id (another submission's) draws a new one.
+    """
     script = redis.register_script(SUBMIT)
+    token = secrets.token_hex(8)
     while True:
         job_id = new_id()
-        keys_ = [keys.image(job_id), keys.result(job_id), keys.queue]
-        if await script(keys=keys_, args=[image, ttl, job_id]):
+        keys_ = [keys.submitted(job_id), keys.image(job_id), keys.result(job_id), keys.queue]
+        if await script(keys=keys_, args=[token, image, ttl, job_id]):
             return job_id
 
 

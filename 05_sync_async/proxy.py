@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 import uvicorn
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
@@ -27,6 +29,8 @@ from config import HERE, Settings
 from logs import log_config
 
 log = logging.getLogger("proxy")
+# What a Redis call can raise: its own errors, and the deadline of `redis_deadline` passing.
+REDIS_DOWN = (aioredis.RedisError, TimeoutError)
 JOB_ID = re.compile(rf"[0-9a-f]{{{2 * jobs.ID_BYTES}}}")
 
 
@@ -52,7 +56,12 @@ async def lifespan(app: Starlette):
     # images are decoded at once, so memory is bounded by the pool, not by the clients.
     app.state.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     app.state.redis = aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2, socket_timeout=5
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_timeout,
+        # One retry, on a fresh connection: a pooled one may have died with a Redis restart.
+        # Safe because SUBMIT is idempotent; `redis_deadline` still bounds the whole call.
+        retry=Retry(NoBackoff(), 1),
     )
     log.info("proxy ready", extra={"fields": {"model": app.state.model.name}})
     try:
@@ -60,6 +69,11 @@ async def lifespan(app: Starlette):
     finally:
         await app.state.redis.aclose()
         app.state.decoder.shutdown()
+
+
+def redis_deadline(request: Request) -> asyncio.Timeout:
+    """One time bound on a request's Redis work, retries included: a hung Redis is a fast 503."""
+    return asyncio.timeout(request.app.state.settings.redis_timeout)
 
 
 async def read_image_data(request: Request, max_image_bytes: int) -> bytes:
@@ -97,8 +111,9 @@ async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
         return error(400, str(exc))
     # Queue only what the fast model could read, so a bad upload never reaches the worker.
     try:
-        job_id = await jobs.submit(state.redis, state.keys, image, state.settings.result_ttl)
-    except aioredis.RedisError as exc:
+        async with redis_deadline(request):
+            job_id = await jobs.submit(state.redis, state.keys, image, state.settings.result_ttl)
+    except REDIS_DOWN as exc:
         log.error("cannot queue the job", extra={"fields": {"error": repr(exc)}})
         return error(503, "job queue unavailable, try again later")
     label = top5[0]["label"]
@@ -123,8 +138,9 @@ async def job(request: Request) -> JSONResponse:
     if not JOB_ID.fullmatch(job_id):
         return error(404, f"unknown job {job_id!r}")
     try:
-        state = await jobs.lookup(request.app.state.redis, request.app.state.keys, job_id)
-    except aioredis.RedisError:
+        async with redis_deadline(request):
+            state = await jobs.lookup(request.app.state.redis, request.app.state.keys, job_id)
+    except REDIS_DOWN:
         return error(503, "job store unavailable, try again later")
     if state["status"] == jobs.JobStatus.NOT_FOUND:
         return error(404, f"unknown job {job_id!r} (results are kept for one hour)")
@@ -133,8 +149,9 @@ async def job(request: Request) -> JSONResponse:
 
 async def health(request: Request) -> JSONResponse:
     try:
-        await request.app.state.redis.ping()
-    except aioredis.RedisError:
+        async with redis_deadline(request):
+            await request.app.state.redis.ping()
+    except REDIS_DOWN:
         return JSONResponse({"health": "redis unavailable"}, status_code=503)
     return JSONResponse({"health": "ok"})
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -142,12 +143,13 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url, data=body, method=method, headers={"Content-Type": "application/json"}
-    )
+def http(
+    method: str, url: str, body: bytes | None = None, timeout: float = 60, headers=None
+) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -210,3 +212,73 @@ def submit(image: bytes, queue: str = "queue:jobs", redis_url: str = REDIS_URL) 
 def result(client: redis.Redis, job_id: str) -> dict | None:
     raw = client.get(jobs.Keys.result(job_id))
     return json.loads(raw) if raw else None
+
+
+class TcpServer:
+    """A loopback TCP server; handle(connection) runs in a thread for each client."""
+
+    def __init__(self, handle):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.handle, self.sockets = handle, []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):  # the listener was closed
+            while True:
+                connection, _ = self.listener.accept()
+                self.sockets.append(connection)
+                threading.Thread(target=self.handle, args=(connection,), daemon=True).start()
+
+    def close(self):
+        for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.fixture
+def hung_redis():
+    """The port of a "Redis" that accepts connections, reads requests and never answers."""
+
+    def never_answer(connection):
+        with contextlib.suppress(OSError):
+            while connection.recv(65536):
+                pass
+
+    server = TcpServer(never_answer)
+    yield server.port
+    server.close()
+
+
+@pytest.fixture
+def lossy_redis():
+    """The port of a relay to the tests' Redis that loses the reply to the first EVALSHA (and
+    hangs up): the command ran, but the client cannot know it did."""
+    upstream_port = urlsplit(REDIS_URL).port or 6379
+    state = {"dropped": False}
+
+    def relay(client):
+        upstream = socket.create_connection(("127.0.0.1", upstream_port))
+        server.sockets.append(upstream)
+        lose = threading.Event()
+
+        def replies():
+            for data in iter(lambda: upstream.recv(65536), b""):
+                if lose.is_set():  # the EVALSHA's reply: drop it, close both sides
+                    client.shutdown(socket.SHUT_RDWR)
+                    upstream.close()
+                    return
+                client.sendall(data)
+
+        threading.Thread(target=replies, daemon=True).start()
+        with contextlib.suppress(OSError):
+            for data in iter(lambda: client.recv(65536), b""):
+                if b"EVALSHA" in data and not state["dropped"]:
+                    state["dropped"] = True
+                    lose.set()
+                upstream.sendall(data)
+
+    server = TcpServer(relay)
+    yield server.port
+    server.close()

@@ -123,3 +123,28 @@ def test_decodes_run_at_most_decode_threads_at_once(start, db):
         answers = list(clients.map(lambda _: predict(base, {"image_data": image}), range(8)))
     assert [status for status, _ in answers] == [200] * 8
     assert len(list(Path(f"/proc/{process.popen.pid}/task").iterdir())) == threads
+
+
+def test_a_hung_redis_is_a_fast_503(start, hung_redis):
+    # Connections are accepted, nothing is ever answered. Each request must give up after
+    # REDIS_TIMEOUT in all (0.5 s here), not after redis-py's socket timeouts add up.
+    url = f"redis://127.0.0.1:{hung_redis}/5"
+    _, base = start_proxy(start, REDIS_URL=url, REDIS_TIMEOUT=0.5)
+    body = json.dumps({"image_data": SAMPLE_B64}).encode()
+    for method, path, payload in [
+        ("POST", "/predict", body),
+        ("GET", "/job/abcdef", None),
+        ("GET", "/health", None),
+    ]:
+        status, answer = http(method, f"{base}{path}", payload, timeout=4)
+        assert status == 503, (path, answer)
+
+
+def test_a_retried_submit_queues_one_job(start, db, lossy_redis):
+    # The first SUBMIT runs but its reply is lost: the retry must not queue a second job.
+    db.script_load(jobs.SUBMIT)  # so that the first EVALSHA runs the script
+    _, base = start_proxy(start, REDIS_URL=f"redis://127.0.0.1:{lossy_redis}/5")
+    status, body = predict(base, {"image_data": SAMPLE_B64})
+    assert status == 200, body
+    assert db.lrange("queue:jobs", 0, -1) == [body["job_id"].encode()]
+    assert db.keys("image:*") == [f"image:{body['job_id']}".encode()]
