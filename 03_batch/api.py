@@ -4,6 +4,7 @@ The API never predicts: it stores `values` with `prediction: null`, and job.py f
 predictions in on its schedule. pymysql blocks, so every query runs in Starlette's thread pool.
 """
 
+import hmac
 import json
 import logging
 import math
@@ -11,12 +12,24 @@ from contextlib import asynccontextmanager
 
 import db
 import uvicorn
-from config import Settings
+from config import (
+    BACKLOG,
+    KEEP_ALIVE_S,
+    MAX_BODY,
+    MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    MAX_ITEMS,
+    PAGE_DEFAULT,
+    PAGE_MAX,
+    Settings,
+)
 from jsonlog import LOG_CONFIG
 from model import IrisModel
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -24,10 +37,8 @@ from starlette.routing import Route
 log = logging.getLogger("api")
 
 N_FEATURES = 4
-MAX_ITEMS = 10_000
-MAX_BODY = 4 * 1024 * 1024  # bytes; 10,000 items need well under 1 MiB
 FLOAT32_MAX = 3.4028234663852886e38  # the model takes float32: larger values would become inf
-PAGE_DEFAULT, PAGE_MAX = 100, 1_000
+MAX_ID_DIGITS = 20  # ids are BIGINT UNSIGNED: at most 20 digits
 
 
 class BadRequest(Exception):
@@ -53,11 +64,20 @@ def parse_values(item: object) -> list[float]:
 
 
 async def read_json(request: Request) -> object:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise HTTPException(413, f"request body larger than {MAX_BODY} bytes")
+    """The body as JSON, read only up to MAX_BODY bytes: a larger one is refused as it arrives."""
+    too_large = HTTPException(413, f"request body larger than {MAX_BODY} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise too_large  # before reading any of it
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise too_large
     try:
         return json.loads(body)
+    except RecursionError:  # deeply nested arrays or objects
+        raise BadRequest("malformed JSON: nested too deeply") from None
     except ValueError as e:
         raise BadRequest(f"malformed JSON: {e}") from None
 
@@ -118,7 +138,10 @@ def listing(which: str):
 
 
 async def get_data(request: Request) -> JSONResponse:
-    item = await with_db(request, db.get_item, request.path_params["item_id"])
+    raw = request.path_params["item_id"]
+    # Parsed here rather than by Starlette's int convertor, which turns 5,000 digits into a 500.
+    item_id = int(raw) if raw.isdigit() and len(raw) <= MAX_ID_DIGITS else None
+    item = None if item_id is None else await with_db(request, db.get_item, item_id)
     if item is None:
         raise HTTPException(404, "Item not found")
     return JSONResponse(item)
@@ -146,9 +169,34 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
+# The driver's text (server address, user, SQL) goes to the log only; callers get a stable message.
 async def db_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.error("database unavailable", extra={"path": request.url.path, "cause": repr(exc)})
-    return JSONResponse({"detail": f"database unavailable: {exc}"}, status_code=503)
+    return JSONResponse({"detail": "database unavailable"}, status_code=503)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("internal error", extra={"path": request.url.path, "cause": repr(exc)})
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+class RequireApiKey:
+    """With API_KEY set, every path but OPEN needs `Authorization: Bearer <key>`, else 401."""
+
+    OPEN = {"/health", "/openapi.json"}  # a liveness probe and the description of the routes
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):  # constant time
+                answer = JSONResponse({"detail": "missing or wrong API key"}, status_code=401)
+                answer.headers["WWW-Authenticate"] = "Bearer"
+                return await answer(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -160,7 +208,7 @@ def create_app(settings: Settings) -> Starlette:
         yield
         app.state.pool.close()
 
-    handlers = {BadRequest: bad_request, HTTPException: http_error}
+    handlers = {BadRequest: bad_request, HTTPException: http_error, Exception: internal_error}
     handlers.update(dict.fromkeys(db.UNAVAILABLE, db_unavailable))
     routes = [
         Route("/data", post_data, methods=["POST"]),
@@ -168,16 +216,29 @@ def create_app(settings: Settings) -> Starlette:
         Route("/data/all", listing("all")),
         Route("/data/unpredicted", listing("unpredicted")),
         Route("/data/predicted", listing("predicted")),
-        Route("/data/{item_id:int}", get_data),
+        Route("/data/{item_id}", get_data),
         Route("/health", health),
         Route("/metadata", metadata),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    guard = [Middleware(RequireApiKey, api_key=settings.api_key)] if settings.api_key else []
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=guard
+    )
 
 
 def main() -> None:
     settings = Settings.from_env()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=LOG_CONFIG)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=LOG_CONFIG,
+        http="h11",  # the implementation with a bound on the request line and headers
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=MAX_CONNECTIONS,
+        backlog=BACKLOG,
+    )
 
 
 if __name__ == "__main__":

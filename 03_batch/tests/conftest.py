@@ -65,6 +65,7 @@ def env_for(settings: Settings, **extra) -> dict:
         MYSQL_USER=settings.mysql_user,
         MYSQL_PASSWORD=settings.mysql_password,
         MYSQL_DATABASE=settings.mysql_database,
+        API_KEY="",  # off unless a test turns it on
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -122,10 +123,13 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def http(method: str, url: str, body=None, raw: bytes | None = None) -> tuple[int, object]:
+def http(method: str, url: str, body=None, raw: bytes | None = None, auth: str | None = None):
+    """One request; returns (status, parsed JSON body)."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")
+    if auth is not None:
+        req.add_header("Authorization", auth)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -133,16 +137,18 @@ def http(method: str, url: str, body=None, raw: bytes | None = None) -> tuple[in
         return e.code, json.loads(e.read())
 
 
-def start_api(processes: Processes, settings: Settings) -> str:
-    port = free_port()
-    proc = processes.start(["api.py"], env_for(settings, PORT=port, HOST="127.0.0.1"), "api")
-    url = f"http://127.0.0.1:{port}"
+def start_api(processes: Processes, settings: Settings, env: dict | None = None, **extra) -> str:
+    """The API as a process on a free port (or env's PORT); returns its URL once it is up."""
+    if env is None:
+        env = env_for(settings, PORT=free_port(), HOST="127.0.0.1", **extra)
+    proc = processes.start(["api.py"], env, "api")
+    url = f"http://127.0.0.1:{env['PORT']}"
 
     def up():
         assert proc.poll() is None, f"api exited early: {read_log(proc)}"
         try:
             return http("GET", url + "/health")[0] == 200
-        except OSError:
+        except (OSError, ValueError):
             return False
 
     wait_for(up, what="the API to answer /health")

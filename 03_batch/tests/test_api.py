@@ -1,9 +1,16 @@
 """Every endpoint of the API, against the real server process and a real database."""
 
+import json
+import select
+import socket
+import urllib.error
+import urllib.request
 from datetime import datetime
 
 import pytest
-from conftest import http, query
+from api import FLOAT32_MAX
+from config import MAX_BODY, MAX_CONNECTIONS, MAX_HEADER_BYTES, MAX_ITEMS
+from conftest import env_for, free_port, http, query, start_api, wait_for
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 VIRGINICA = [6.3, 3.3, 6.0, 2.5]
@@ -164,3 +171,139 @@ def test_health_and_metadata(api):
 def test_wrong_method_is_405_json(api):
     status, body = http("GET", api + "/data")
     assert status == 405 and "detail" in body
+
+
+# Hostile callers: bodies, nesting, URLs, slow and idle connections, keys.
+
+
+def raw_exchange(url: str, request: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes over one connection; return what the server answers until it closes or
+    stops for `timeout` s (a server still waiting for more of the request answers nothing)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                    break
+        except TimeoutError:
+            pass
+    return answer
+
+
+def test_declared_oversized_body_is_413_before_any_of_it_is_read(api):
+    answer = raw_exchange(
+        api,
+        b"POST /data/list HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (100 * MAX_BODY),  # ... and no body is sent at all
+    )
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"detail"' in answer
+
+
+def test_streamed_body_is_cut_off_past_the_limit(api):
+    # Chunked, no length: the server cannot know the size before it has read MAX_BODY + 1 bytes.
+    # The terminating chunk is never sent, so only a server that stops reading can answer.
+    data = b"[" * (MAX_BODY + 1)
+    answer = raw_exchange(
+        api,
+        b"POST /data/list HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(data)
+        + data
+        + b"\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_ten_thousand_items_of_the_longest_numbers_fit_the_body_limit(api, settings):
+    longest = [-FLOAT32_MAX, -1.1754943508222875e-38, -FLOAT32_MAX, -FLOAT32_MAX]
+    body = {"items": [{"values": longest}] * MAX_ITEMS}
+    assert len(json.dumps(body)) < MAX_BODY
+    status, items = http("POST", api + "/data/list", body)
+    assert status == 201 and len(items) == MAX_ITEMS
+
+
+@pytest.mark.parametrize("path", ["/data", "/data/list"])
+def test_deeply_nested_json_is_400(api, settings, path):
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"items": ' + b"[" * 100_000):
+        status, body = http("POST", api + path, raw=raw)
+        assert status == 400 and body["detail"].startswith("malformed JSON")
+    assert count(settings) == 0
+
+
+def test_integer_literal_of_5000_digits_is_400(api, settings):
+    status, body = http("POST", api + "/data", raw=b'{"values": [1, 2, 3, %s]}' % (b"9" * 5000))
+    assert status == 400 and body["detail"]
+    assert count(settings) == 0
+
+
+@pytest.mark.parametrize("item_id", ["9" * 5000, "99999999999999999999999", "-1", "list"])
+def test_unknown_or_absurd_id_in_the_url_is_404(api, item_id):
+    assert http("GET", f"{api}/data/{item_id}") == (404, {"detail": "Item not found"})
+
+
+def test_headers_growing_past_the_bound_are_refused(api):
+    # A client trickling an endless header block: once MAX_HEADER_BYTES have arrived without
+    # the blank line that ends it, the server answers 400 instead of buffering more.
+    host, port = api.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: ")
+        for _ in range(4):
+            sock.sendall(b"a" * (MAX_HEADER_BYTES // 2))
+            # Separate reads on the server side; stop sending as soon as it has answered.
+            if select.select([sock], [], [], 1)[0]:
+                break
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+
+
+def test_idle_connections_past_the_limit_get_503(api):
+    host, port = api.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(MAX_CONNECTIONS)]
+    try:
+        status, body = http_status_only(api + "/data/all")
+        assert status == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: http("GET", api + "/health")[0] == 200, what="the server to recover")
+
+
+def http_status_only(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_host_defaults_to_loopback_only(processes, settings):
+    env = env_for(settings, PORT=free_port())
+    env.pop("HOST", None)
+    url = start_api(processes, settings, env=env)
+    port = int(url.rsplit(":", 1)[1])
+    assert http("GET", url + "/health")[0] == 200
+    # 127.0.0.2 is loopback too, but only a server bound to every address (0.0.0.0) answers it.
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.2", port)) != 0
+
+
+def test_api_key_guards_every_endpoint_but_health(processes, settings):
+    url = start_api(processes, settings, API_KEY="s3cret-key")
+    row = {"values": [5.1, 3.5, 1.4, 0.2]}
+    for method, path, body in [
+        ("POST", "/data", row),
+        ("POST", "/data/list", {"items": [row]}),
+        ("GET", "/data/all", None),
+        ("GET", "/data/1", None),
+        ("GET", "/metadata", None),
+    ]:
+        for header in (None, "Bearer wrong", "s3cret-key", "Basic s3cret-key"):
+            status, answer = http(method, url + path, body, auth=header)
+            assert (status, answer) == (401, {"detail": "missing or wrong API key"}), header
+    assert count(settings) == 0
+    assert http("GET", url + "/health")[0] == 200
+    assert http("POST", url + "/data", row, auth="Bearer s3cret-key")[0] == 201
+    assert http("GET", url + "/data/all", auth="Bearer s3cret-key")[0] == 200
