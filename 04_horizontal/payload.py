@@ -10,6 +10,10 @@ import math
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 SAMPLE = [[5.1, 3.5, 1.4, 0.2]]  # a setosa flower, for the */test endpoints and the docs
 MAX_ROWS = 1_000  # bounds the work one request can ask for
+# Any JSON body this chapter reads (a request, or a service's answer) is refused past this size,
+# while it streams in: json.loads then never builds more than a few hundred thousand objects.
+# 256 bytes a row is room for 4 numbers at full float precision, spaces and indentation.
+MAX_BODY_BYTES = MAX_ROWS * 256
 FLOAT32_MAX = 3.4028234663852886e38  # the models take float32: larger values would become inf
 
 INPUT_SCHEMA = {
@@ -21,6 +25,27 @@ INPUT_SCHEMA = {
 }
 
 
+# The same rules as parse_rows, for the OpenAPI documents of both apps (serving.web_app).
+NUMBER = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
+PAIR = {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "number"}}
+OPENAPI_SCHEMAS = {
+    "Rows": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_ROWS,
+                "items": {"type": "array", "minItems": 4, "maxItems": 4, "items": NUMBER},
+            }
+        },
+    },
+    # [P(class), P(not class)] for one row, a list of them for several.
+    "Prediction": {"oneOf": [PAIR, {"type": "array", "items": PAIR}]},
+}
+
+
 class BadInput(ValueError):
     """The request body is not {"data": [[4 finite numbers], ...]}."""
 
@@ -28,7 +53,7 @@ class BadInput(ValueError):
 def parse_rows(body: bytes) -> list[list[float]]:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise BadInput('body must be JSON: {"data": [[4 numbers], ...]}') from None
     if not isinstance(payload, dict) or "data" not in payload:
         raise BadInput('expected {"data": [[4 numbers], ...]}')

@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
-from payload import INPUT_SCHEMA, SAMPLE, one_or_many, parse_rows, per_row
-from serving import ServerSettings, serve, web_app
+from payload import INPUT_SCHEMA, MAX_BODY_BYTES, SAMPLE, one_or_many, parse_rows, per_row
+from serving import ServerSettings, read_body, serve, web_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -61,19 +61,45 @@ class Settings:
 
 @dataclass(frozen=True)
 class Answer:
-    """What one service said: its JSON body, or why there is none."""
+    """What one service said: its JSON object, or why there is none (a stable, short reason)."""
 
     body: dict | None = None
     error: str | None = None
 
 
-def class_probabilities(answer: Answer, rows: int) -> list[float] | None:
-    """P(the service's own class) for each row, or None when the service gave no usable answer."""
+class TooLarge(Exception):
+    """A service's answer is larger than MAX_BODY_BYTES."""
+
+
+def is_probability(value: object) -> bool:
+    # NaN and infinities fail the comparison; bool is an int in Python, and no probability.
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def predictions(answer: Answer, rows: int) -> list[list[float]] | None:
+    """[P(class), P(not class)] for each row, or None when the service gave no usable answer."""
     try:
-        probabilities = [float(pair[0]) for pair in per_row(answer.body["prediction"], rows)]
-    except (KeyError, TypeError, ValueError, IndexError):
+        pairs = per_row(answer.body["prediction"], rows)
+    except (KeyError, TypeError):
         return None
-    return probabilities if len(probabilities) == rows else None
+    valid = all(
+        isinstance(pair, list) and len(pair) == 2 and all(map(is_probability, pair))
+        for pair in pairs
+    )
+    return pairs if valid and len(pairs) == rows else None
+
+
+async def read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The body, refused as soon as it passes MAX_BODY_BYTES (counted after decompression)."""
+    if (response.content_length or 0) > MAX_BODY_BYTES:
+        raise TooLarge
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise TooLarge  # leaving unread bytes makes aiohttp close, not reuse, the connection
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class FanOut:
@@ -82,6 +108,8 @@ class FanOut:
     def __init__(self, settings: Settings):
         self.services = settings.services
         self.timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
+        # The proxy's own API_KEY, if set, is what it shows every service (never the caller's).
+        api_key = settings.server.api_key
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0,  # no global cap: each service gets up to limit_per_host connections
@@ -91,6 +119,7 @@ class FanOut:
                 keepalive_timeout=4,
             ),
             timeout=self.timeout,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             # A proxy shared by many users must not keep one service's cookies for everyone.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
@@ -100,26 +129,50 @@ class FanOut:
 
     async def all(self, method: str, path: str, body: bytes | None = None) -> dict[str, Answer]:
         answers = await asyncio.gather(
-            *(self.one(url, method, path, body) for url in self.services.values())
+            *(self.one(name, method, path, body) for name in self.services)
         )
         return dict(zip(self.services, answers, strict=True))
 
-    async def one(self, url: str, method: str, path: str, body: bytes | None) -> Answer:
+    async def one(self, name: str, method: str, path: str, body: bytes | None) -> Answer:
+        """One service's answer. The caller gets a stable reason; the log gets the detail, with
+        the service's address, which callers never see."""
+        url = self.services[name] + path
         headers = {"Content-Type": "application/json"} if body is not None else None
         try:
-            async with self.session.request(method, url + path, data=body, headers=headers) as r:
-                raw = await r.read()
+            async with self.session.request(method, url, data=body, headers=headers) as r:
+                raw = await read_capped(r)
                 if r.status != 200:
-                    return Answer(error=f"HTTP {r.status}: {raw[:200].decode(errors='replace')}")
-                return Answer(body=json.loads(raw))
+                    error, detail = f"HTTP {r.status}", raw[:200].decode(errors="replace")
+                else:
+                    answer = json.loads(raw)
+                    if isinstance(answer, dict):
+                        return Answer(body=answer)
+                    error, detail = "answered with invalid JSON", "not an object"
         except TimeoutError:
-            error = f"no answer within {self.timeout.total} s"
+            error, detail = f"no answer within {self.timeout.total} s", ""
+        except aiohttp.ClientConnectorError as exc:
+            error, detail = "cannot connect", str(exc)
         except aiohttp.ClientError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        except ValueError:
-            error = "answered with invalid JSON"
-        log.warning("%s%s failed: %s", url, path, error)
+            error, detail = f"request failed: {type(exc).__name__}", str(exc)
+        except TooLarge:
+            error, detail = f"answer larger than {MAX_BODY_BYTES} bytes", ""
+        except (ValueError, RecursionError) as exc:  # not JSON, or nested deeper than the stack
+            error, detail = "answered with invalid JSON", type(exc).__name__
+        log.warning("%s %s %s failed: %s %s", name, method, url, error, detail)
         return Answer(error=error)
+
+
+def sort_out(answers: dict[str, Answer], rows: int) -> tuple[dict[str, list], dict[str, str]]:
+    """Split the answers into usable predictions by name and the reasons of the services without
+    one. Only checked numbers go back to the caller, never a service's body as it came."""
+    usable, missing = {}, {}
+    for name, answer in answers.items():
+        pairs = predictions(answer, rows)
+        if pairs is None:
+            missing[name] = answer.error or "answered without one prediction per row"
+        else:
+            usable[name] = pairs
+    return usable, missing
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -139,29 +192,70 @@ def create_app(settings: Settings | None = None) -> Starlette:
     def no_answer(missing: dict[str, str]) -> JSONResponse:
         return JSONResponse({"error": "no service answered", "missing": missing}, status_code=502)
 
-    def all_predictions(answers: dict[str, Answer]) -> JSONResponse:
-        """Every service's answer keyed by name; a service that failed says why, in its place."""
-        if all(answer.error for answer in answers.values()):
-            return no_answer({name: answer.error for name, answer in answers.items()})
-        return JSONResponse(
-            {name: a.body if a.error is None else {"error": a.error} for name, a in answers.items()}
-        )
-
-    async def health_all(request: Request) -> JSONResponse:
-        # Always 200: this is a report on the services, and a down one is part of the report.
-        answers = await fan_out(request).all("GET", "/health")
+    def all_predictions(answers: dict[str, Answer], rows: int) -> JSONResponse:
+        """Every service's prediction by name; a service without one says why, in its place."""
+        usable, missing = sort_out(answers, rows)
+        if not usable:
+            return no_answer(missing)
         return JSONResponse(
             {
-                name: a.body if a.error is None else {"health": "down", "error": a.error}
-                for name, a in answers.items()
+                name: {"prediction": one_or_many(usable[name])}
+                if name in usable
+                else {"error": missing[name]}
+                for name in answers
             }
         )
 
+    async def health_all(request: Request) -> JSONResponse:
+        """The health of every service, by name; always 200, a down service is part of the report.
+        ---
+        responses:
+          "200":
+            description: one entry per service
+            content:
+              application/json:
+                schema:
+                  type: object
+                  additionalProperties:
+                    type: object
+                    required: [health]
+                    properties:
+                      health: {type: string, enum: [ok, down]}
+                      error: {type: string}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+        """
+        answers = await fan_out(request).all("GET", "/health")
+        report = {}
+        for name, a in answers.items():
+            if a.body is not None and a.body.get("health") == "ok":
+                report[name] = {"health": "ok"}
+            else:
+                report[name] = {"health": "down", "error": a.error or 'answered without "ok"'}
+        return JSONResponse(report)
+
     async def metadata(request: Request) -> JSONResponse:
+        """The input this proxy takes, the services it asks (by name only) and their timeout.
+        ---
+        responses:
+          "200":
+            description: input schema, service names, timeout, output shapes
+            content:
+              application/json:
+                schema:
+                  type: object
+                  required: [input, services, service_timeout_s, output]
+                  properties:
+                    input: {type: object}
+                    services: {type: array, items: {type: string}}
+                    service_timeout_s: {type: number}
+                    output: {type: object}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+        """
         return JSONResponse(
             {
                 "input": INPUT_SCHEMA,
-                "services": settings.services,
+                # Names, not URLs: a caller has no business knowing the services' addresses.
+                "services": list(settings.services),
                 "service_timeout_s": settings.timeout_s,
                 "output": {
                     "/predict": "{name: {prediction: [P(name), P(not name)]} or {error}}",
@@ -171,41 +265,91 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
 
     async def ask_all(request: Request) -> tuple[list[list[float]], dict[str, Answer]]:
-        rows = parse_rows(await request.body())  # BadInput -> 422 before any service is called
+        rows = parse_rows(await read_body(request))  # BadInput -> 422 before any service is called
         body = json.dumps({"data": rows}).encode()  # encoded once, sent to every service
         return rows, await fan_out(request).all("POST", "/predict", body)
 
     async def predict(request: Request) -> JSONResponse:
-        _, answers = await ask_all(request)
-        return all_predictions(answers)
+        """Every service's prediction for the rows, keyed by service name.
+        ---
+        requestBody:
+          required: true
+          content:
+            application/json:
+              schema: {$ref: "#/components/schemas/Rows"}
+        responses:
+          "200": {$ref: "#/components/responses/AllPredictions"}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+          "413": {$ref: "#/components/responses/TooLarge"}
+          "422": {$ref: "#/components/responses/BadInput"}
+          "502": {$ref: "#/components/responses/NoServiceAnswered"}
+        """
+        rows, answers = await ask_all(request)
+        return all_predictions(answers, len(rows))
 
     async def predict_label(request: Request) -> JSONResponse:
+        """For each row, the label whose service is most sure of its own class.
+        ---
+        requestBody:
+          required: true
+          content:
+            application/json:
+              schema: {$ref: "#/components/schemas/Rows"}
+        responses:
+          "200":
+            description: one {proba, label} for one row, a list for several; missing names the
+              services without an answer
+            content:
+              application/json:
+                schema:
+                  type: object
+                  required: [prediction]
+                  properties:
+                    prediction:
+                      oneOf:
+                        - {$ref: "#/components/schemas/Label"}
+                        - {type: array, items: {$ref: "#/components/schemas/Label"}}
+                    missing: {type: object, additionalProperties: {type: string}}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+          "413": {$ref: "#/components/responses/TooLarge"}
+          "422": {$ref: "#/components/responses/BadInput"}
+          "502": {$ref: "#/components/responses/NoServiceAnswered"}
+        """
         rows, answers = await ask_all(request)
-        votes, missing = {}, {}
-        for name, answer in answers.items():
-            probabilities = class_probabilities(answer, len(rows))
-            if probabilities is None:
-                missing[name] = answer.error or "answered without one prediction per row"
-            else:
-                votes[name] = probabilities
+        votes, missing = sort_out(answers, len(rows))
         if not votes:
             return no_answer(missing)
         labels = []
         for i in range(len(rows)):
             # Each service gives P(its class); the label is the service most sure of its own class.
-            best = max(votes, key=lambda name: votes[name][i])
-            labels.append({"proba": votes[best][i], "label": best})
+            best = max(votes, key=lambda name: votes[name][i][0])
+            labels.append({"proba": votes[best][i][0], "label": best})
         result = {"prediction": one_or_many(labels)}
         if missing:
             result["missing"] = missing
         return JSONResponse(result)
 
     async def predict_get_test(request: Request) -> JSONResponse:
-        return all_predictions(await fan_out(request).all("GET", "/predict/test"))
+        """Every service's prediction for its own fixed sample row (GET /predict/test on each).
+        ---
+        responses:
+          "200": {$ref: "#/components/responses/AllPredictions"}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+          "502": {$ref: "#/components/responses/NoServiceAnswered"}
+        """
+        return all_predictions(await fan_out(request).all("GET", "/predict/test"), len(SAMPLE))
 
     async def predict_post_test(request: Request) -> JSONResponse:
+        """Every service's prediction for the sample row, posted to each service's /predict.
+        ---
+        responses:
+          "200": {$ref: "#/components/responses/AllPredictions"}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+          "502": {$ref: "#/components/responses/NoServiceAnswered"}
+        """
         body = json.dumps({"data": SAMPLE}).encode()
-        return all_predictions(await fan_out(request).all("POST", "/predict", body))
+        answers = await fan_out(request).all("POST", "/predict", body)
+        return all_predictions(answers, len(SAMPLE))
 
     routes = [
         Route("/health/all", health_all),
@@ -215,7 +359,61 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/predict/get/test", predict_get_test),
         Route("/predict/post/test", predict_post_test, methods=["POST"]),
     ]
-    return web_app(routes, lifespan)
+    return web_app(routes, lifespan, settings.server, OPENAPI_INFO, OPENAPI_COMPONENTS)
+
+
+OPENAPI_INFO = {"title": "04_horizontal proxy", "version": "1"}
+OPENAPI_COMPONENTS = {
+    "schemas": {
+        "Label": {
+            "type": "object",
+            "required": ["proba", "label"],
+            "properties": {"proba": {"type": "number"}, "label": {"type": "string"}},
+        },
+    },
+    "responses": {
+        "AllPredictions": {
+            "description": "{name: {prediction}} or {name: {error}} for each service",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "oneOf": [
+                                {
+                                    "type": "object",
+                                    "required": ["prediction"],
+                                    "properties": {
+                                        "prediction": {"$ref": "#/components/schemas/Prediction"}
+                                    },
+                                },
+                                {"$ref": "#/components/schemas/Error"},
+                            ]
+                        },
+                    }
+                }
+            },
+        },
+        "NoServiceAnswered": {
+            "description": "no service gave a usable answer; missing says why, by name",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["error", "missing"],
+                        "properties": {
+                            "error": {"type": "string"},
+                            "missing": {
+                                "type": "object",
+                                "additionalProperties": {"type": "string"},
+                            },
+                        },
+                    }
+                }
+            },
+        },
+    },
+}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from payload import INPUT_SCHEMA, SAMPLE, one_or_many, parse_rows
-from serving import ServerSettings, serve, web_app
+from serving import ServerSettings, read_body, serve, web_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -86,6 +86,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return JSONResponse({"prediction": one_or_many(proba)})
 
     async def metadata(request: Request) -> JSONResponse:
+        """Which class this service answers for, its model, input and output.
+        ---
+        responses:
+          "200":
+            description: mode, model file name, input schema, output meaning
+            content:
+              application/json:
+                schema:
+                  type: object
+                  required: [mode, model, input, output]
+                  properties:
+                    mode: {type: string}
+                    model: {type: string}
+                    input: {type: object}
+                    output: {type: object}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+        """
         return JSONResponse(
             {
                 "mode": settings.mode,
@@ -100,9 +117,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
 
     async def predict(request: Request) -> JSONResponse:
-        return await answer(request, parse_rows(await request.body()))
+        """[P(MODE), P(not MODE)] for one row, a list of them for several.
+        ---
+        requestBody:
+          required: true
+          content:
+            application/json:
+              schema: {$ref: "#/components/schemas/Rows"}
+        responses:
+          "200": {$ref: "#/components/responses/Prediction"}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+          "413": {$ref: "#/components/responses/TooLarge"}
+          "422": {$ref: "#/components/responses/BadInput"}
+        """
+        return await answer(request, parse_rows(await read_body(request)))
 
     async def predict_test(request: Request) -> JSONResponse:
+        """The prediction for a fixed sample row (a setosa flower).
+        ---
+        responses:
+          "200": {$ref: "#/components/responses/Prediction"}
+          "401": {$ref: "#/components/responses/Unauthorized"}
+        """
         return await answer(request, SAMPLE)
 
     routes = [
@@ -110,7 +146,26 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/predict", predict, methods=["POST"]),
         Route("/predict/test", predict_test),
     ]
-    return web_app(routes, lifespan)
+    info = {"title": f"04_horizontal service ({settings.mode})", "version": "1"}
+    return web_app(routes, lifespan, settings.server, info, OPENAPI_COMPONENTS)
+
+
+OPENAPI_COMPONENTS = {
+    "responses": {
+        "Prediction": {
+            "description": "[P(MODE), P(not MODE)] for one row, a list of them for several",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["prediction"],
+                        "properties": {"prediction": {"$ref": "#/components/schemas/Prediction"}},
+                    }
+                }
+            },
+        }
+    }
+}
 
 
 if __name__ == "__main__":

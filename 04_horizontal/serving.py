@@ -1,15 +1,31 @@
 """What the service and the proxy share: settings, JSON logs on stdout, the app shell, uvicorn."""
 
+import hmac
 import json
 import logging
 import os
 from dataclasses import dataclass
 
 import uvicorn
-from payload import BadInput
+from payload import MAX_BODY_BYTES, OPENAPI_SCHEMAS, BadInput
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# Slow or hostile clients. uvicorn closes a connection idle after a response (timeout_keep_alive)
+# and answers 503 past limit_concurrency; the two bounds below are the ones it lacks with httptools.
+KEEP_ALIVE_S = 30  # idle time after a response; longer than the proxy's 4 s (see proxy.py)
+REQUEST_READ_TIMEOUT_S = 10  # from a connection's or a request's first byte to its last
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers; h11's default bound, as a reference
+# Open connections plus requests in progress; past it uvicorn answers 503 at once. The proxy
+# opens up to 100 connections to each service (proxy.py), so 256 leaves room for direct callers.
+DEFAULT_LIMIT_CONCURRENCY = 256
+
+OPEN_PATHS = ("/health", "/openapi.json")  # answered without the API key
 
 
 @dataclass(frozen=True)
@@ -18,6 +34,8 @@ class ServerSettings:
     port: int
     log_level: str
     access_log: bool
+    limit_concurrency: int
+    api_key: str | None  # None: no key needed; set: "Authorization: Bearer <key>" on every call
 
     @classmethod
     def from_env(cls, default_port: int) -> "ServerSettings":
@@ -26,6 +44,8 @@ class ServerSettings:
             port=int(os.environ.get("PORT", default_port)),
             log_level=os.environ.get("LOG_LEVEL", "info").lower(),
             access_log=os.environ.get("ACCESS_LOG", "1") not in ("0", "false", "no"),
+            limit_concurrency=int(os.environ.get("LIMIT_CONCURRENCY", DEFAULT_LIMIT_CONCURRENCY)),
+            api_key=os.environ.get("API_KEY") or None,
         )
 
 
@@ -68,6 +88,54 @@ def log_config(level: str) -> dict:
     }
 
 
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus what h11 would bound and httptools does not.
+
+    uvicorn arms its idle timer only after a response and stores headers without a size limit,
+    so a client that connects and sends nothing, drips its headers or body, or sends megabytes
+    of headers would keep a connection (and memory) forever. Here the whole request, headers and
+    body, must arrive within REQUEST_READ_TIMEOUT_S, and headers within MAX_HEADER_BYTES.
+    """
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.header_bytes = 0
+        self.read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self.transport.close)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.header_bytes = 0
+        if self.read_timer is None:  # a new request on a kept-alive connection
+            self.read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self.transport.close)
+
+    def on_url(self, url: bytes) -> None:
+        self.count_header_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count_header_bytes(len(name) + len(value))
+        super().on_header(name, value)
+
+    def count_header_bytes(self, size: int) -> None:
+        self.header_bytes += size
+        if self.header_bytes > MAX_HEADER_BYTES:
+            # Raised inside the parser's callback: uvicorn answers 400 and closes the connection.
+            raise ValueError("request headers too large")
+
+    def on_message_complete(self) -> None:
+        self.stop_read_timer()
+        super().on_message_complete()
+
+    def connection_lost(self, exc) -> None:
+        self.stop_read_timer()
+        super().connection_lost(exc)
+
+    def stop_read_timer(self) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+
+
 def serve(create_app, settings) -> None:
     """Run create_app(settings) under uvicorn; settings.server says where and how to log."""
     server = settings.server
@@ -78,28 +146,130 @@ def serve(create_app, settings) -> None:
         log_config=log_config(server.log_level),
         log_level=server.log_level,
         access_log=server.access_log,
-        # Named, not "auto": the same parser and loop in the venv, in Docker and in the bench.
-        http="httptools",
+        # The same compiled parser and loop in the venv, in Docker and in the bench.
+        http=BoundedHttpToolsProtocol,
         loop="uvloop",
-        # Longer than the proxy's idle keep-alive (4 s), so the proxy never reuses a connection
-        # that the service is closing at that very moment.
-        timeout_keep_alive=30,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=server.limit_concurrency,
     )
+
+
+async def read_body(request) -> bytes:
+    """The request body, refused with a 413 as soon as it passes MAX_BODY_BYTES: counted while
+    it streams in, so a huge or endless body is never held in memory. (Starlette's own
+    max_body_size answers in plain text whenever Content-Length is too large.)"""
+    too_large = HTTPException(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error(status_code: int, message: str) -> JSONResponse:
+    """This chapter's one error shape."""
+    return JSONResponse({"error": message}, status_code=status_code)
 
 
 async def bad_input(request, exc: Exception) -> JSONResponse:
     """Starlette exception handler for payload.BadInput: a clear 422, never a 500."""
-    return JSONResponse({"error": str(exc)}, status_code=422)
+    return error(422, str(exc))
+
+
+async def http_error(request, exc: HTTPException) -> JSONResponse:
+    """404, 405 and 413, in the same shape as every other error."""
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+class RequireApiKey:
+    """When API_KEY is set, every path but OPEN_PATHS needs "Authorization: Bearer <key>"."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: leaks no prefix
+                response = error(401, "missing or wrong API key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def health(request) -> JSONResponse:
+    """Is this process up?
+    ---
+    responses:
+      "200":
+        description: always {"health": "ok"} while the process serves
+        content:
+          application/json:
+            schema:
+              type: object
+              required: [health]
+              properties:
+                health: {type: string, enum: [ok]}
+    """
     return JSONResponse({"health": "ok"})
 
 
-def web_app(routes: list, lifespan) -> Starlette:
-    """A Starlette app with /health and this chapter's one error shape for bad input."""
-    return Starlette(
-        routes=[Route("/health", health), *routes],
-        lifespan=lifespan,
-        exception_handlers={BadInput: bad_input},
+def web_app(
+    routes: list, lifespan, server: ServerSettings, info: dict, components: dict
+) -> Starlette:
+    """A Starlette app with /health, /openapi.json, the optional API key and this chapter's one
+    error shape. info and components go into the OpenAPI document."""
+    generator = SchemaGenerator(
+        {
+            "openapi": "3.0.3",
+            "info": info,
+            "components": {
+                "schemas": {
+                    **OPENAPI_SCHEMAS,
+                    "Error": ERROR_SCHEMA,
+                    **components.get("schemas", {}),
+                },
+                "responses": {**ERROR_RESPONSES, **components.get("responses", {})},
+            },
+        }
     )
+
+    async def openapi(request) -> JSONResponse:
+        # JSON, generated from the routes' docstrings, so it cannot drift from the code.
+        return JSONResponse(generator.get_schema(routes=request.app.routes))
+
+    middleware = [Middleware(RequireApiKey, api_key=server.api_key)] if server.api_key else []
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/openapi.json", openapi, include_in_schema=False),
+            *routes,
+        ],
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={BadInput: bad_input, HTTPException: http_error},
+    )
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+ERROR_RESPONSES = {
+    name: {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    for name, description in {
+        "BadInput": 'not {"data": [[4 finite float32 numbers], ...]}, 1 to MAX_ROWS rows',
+        "TooLarge": "the body is larger than MAX_BODY_BYTES",
+        "Unauthorized": "API_KEY is set and the request does not carry it",
+    }.items()
+}

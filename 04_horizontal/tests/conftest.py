@@ -1,6 +1,7 @@
 """Real processes on loopback: three services and a proxy, started on free ports, always killed."""
 
 import json
+import socket
 import sys
 import threading
 import urllib.error
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from processes import Process, start_proxy, start_services, wait_healthy  # noqa: E402
+from processes import Process, start, start_proxy, start_services, wait_healthy  # noqa: E402
 
 
 @dataclass
@@ -53,10 +54,16 @@ def cluster_with():
         yield lambda **kwargs: stack.enter_context(running_cluster(**kwargs))
 
 
-def call(url: str, body: object = None, method: str | None = None, timeout: float = 30):
+def call(
+    url: str,
+    body: object = None,
+    method: str | None = None,
+    timeout: float = 30,
+    headers: dict | None = None,
+):
     """(status, JSON body) of one HTTP request; body is JSON-encoded unless it is bytes."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -70,10 +77,37 @@ def http():
     return call
 
 
-class Recorder:
-    """A stand-in service that records every request and answers with a fixed status."""
+def connect(url: str) -> socket.socket:
+    """A raw TCP connection to an http://127.0.0.1:port URL, for what urllib cannot send."""
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
 
-    def __init__(self, status: int = 200, body: dict | None = None):
+
+def status_line(sock: socket.socket) -> bytes:
+    """The first line the server sends, or b"" if it closes without answering."""
+    received = b""
+    while b"\r\n" not in received:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received.split(b"\r\n")[0]
+
+
+class Recorder:
+    """A stand-in service that records every request and answers with a fixed status.
+
+    raw: the exact body bytes to answer with (any JSON, or none); endless: stream chunks with
+    no Content-Length until the client hangs up.
+    """
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: dict | None = None,
+        raw: bytes | None = None,
+        endless: bool = False,
+    ):
         self.requests: list[str] = []
         recorder = self
 
@@ -87,12 +121,19 @@ class Recorder:
 
             def answer(self):
                 recorder.requests.append(f"{self.command} {self.path}")
-                payload = json.dumps(body or {"error": "broken on purpose"}).encode()
+                payload = raw if raw is not None else json.dumps(body or {"error": "broken"})
+                payload = payload.encode() if isinstance(payload, str) else payload
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
+                if not endless:
+                    self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.wfile.write(payload)
+                    while endless:  # HTTP/1.0 style: the body ends when the connection does
+                        self.wfile.write(b" " * 65536)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the proxy stopped reading: what a size cap should do
 
             def log_message(self, *args):
                 pass
@@ -117,6 +158,21 @@ def recorder():
     yield make
     for item in recorders:
         item.close()
+
+
+@pytest.fixture
+def service_with():
+    """One setosa service alone, with the settings a test gives it."""
+    started = []
+
+    def make(**env) -> Process:
+        started.append(start("service.py", "setosa", {"MODE": "setosa", "ACCESS_LOG": "0", **env}))
+        wait_healthy(started[-1])
+        return started[-1]
+
+    yield make
+    for process in started:
+        process.kill()
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from payload import MAX_BODY_BYTES
 from processes import CLASSES, HERE
+from test_proxy import assert_streamed_body_is_cut_off
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 VIRGINICA = [6.5, 3.0, 5.5, 2.0]
@@ -52,6 +54,7 @@ BAD_BODIES = [
     b'{"data": [[1, 2, 3, 1e39]]}',
     b'{"data": [[1, 2, 3, 1' + b"0" * 400 + b"]]}",
     b'{"data": [' + b",".join([b"[1, 2, 3, 4]"] * 1001) + b"]}",
+    b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # RecursionError in json.loads
 ]
 
 
@@ -60,6 +63,13 @@ def test_bad_input_is_a_422_with_a_message(cluster, http, body):
     status, answer = http(cluster.services["setosa"].url + "/predict", body)
     assert status == 422
     assert answer["error"]
+
+
+def test_a_body_over_the_cap_is_a_413(cluster, http):
+    url = cluster.services["setosa"].url
+    status, answer = http(url + "/predict", b" " * (MAX_BODY_BYTES + 1))
+    assert (status, answer) == (413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"})
+    assert_streamed_body_is_cut_off(url, "/predict")
 
 
 def test_an_unknown_mode_stops_the_service_at_start_up():
