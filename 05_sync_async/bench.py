@@ -144,7 +144,7 @@ async def main() -> dict:
             backlog = 300
             client = redis.asyncio.Redis.from_url(REDIS_URL)
             for _ in range(backlog):
-                await jobs.submit(client, jobs.Keys(), SAMPLE, ttl=3600)
+                await jobs.submit(client, jobs.Keys(), SAMPLE, 3600, max_queue_length=2 * backlog)
             await client.aclose()
             done_before, started = count_results(db), time.perf_counter()
             saturated, _ = await sync_latency(session, base, 1, 200)

@@ -27,6 +27,7 @@ class Settings:
     max_image_pixels: int
     decode_threads: int
     result_ttl: int
+    max_queue_length: int
     num_workers: int
     visibility_timeout: float
     max_attempts: int
@@ -49,6 +50,7 @@ class Settings:
             max_image_pixels=int(env("MAX_IMAGE_PIXELS", str(10_000_000))),
             decode_threads=int(env("DECODE_THREADS", "2")),
             result_ttl=int(env("RESULT_TTL", "3600")),
+            max_queue_length=int(env("MAX_QUEUE_LENGTH", "1000")),
             num_workers=int(env("NUM_WORKERS", "2")),
             visibility_timeout=float(env("VISIBILITY_TIMEOUT", "30")),
             max_attempts=int(env("MAX_ATTEMPTS", "3")),

@@ -62,11 +62,13 @@ class Keys:
 # Reserve the id and enqueue in one atomic step: an id is refused while its submission or its
 # result still exists, so two live jobs never share an id, and no image is ever stored without its
 # job. Idempotent: a retried call (same id, same token) whose first run did happen, but whose reply
-# was lost, finds its own token and answers 1 again instead of queueing a second job.
+# was lost, finds its own token and answers 1 again instead of queueing a second job. A queue
+# already `max_queue_length` long refuses the job (-1): the worker is that far behind.
 SUBMIT = """
 local owner = redis.call('GET', KEYS[1])
 if owner then return owner == ARGV[1] and 1 or 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('LLEN', KEYS[4]) >= tonumber(ARGV[5]) then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('LPUSH', KEYS[4], ARGV[4])
@@ -90,6 +92,10 @@ return expired
 """
 
 
+class QueueFull(Exception):
+    """The queue holds `max_queue_length` jobs already; nothing was stored."""
+
+
 def new_job_id() -> str:
     return secrets.token_hex(ID_BYTES)
 
@@ -97,8 +103,15 @@ def new_job_id() -> str:
 # --- the proxy's side (redis.asyncio) -------------------------------------------------------
 
 
-async def submit(redis, keys: Keys, image: bytes, ttl: int, new_id: Callable[[], str] = new_job_id):
-    """Store the image and queue its job; returns the new job id.
+async def submit(
+    redis,
+    keys: Keys,
+    image: bytes,
+    ttl: int,
+    max_queue_length: int,
+    new_id: Callable[[], str] = new_job_id,
+) -> str:
+    """Store the image and queue its job; returns the new job id, or raises QueueFull.
 
     Safe to retry (redis-py retries a command whose connection failed): the id and the token are
     chosen before the first attempt, and only a taken id (another submission's) draws a new one.
@@ -108,7 +121,10 @@ async def submit(redis, keys: Keys, image: bytes, ttl: int, new_id: Callable[[],
     while True:
         job_id = new_id()
         keys_ = [keys.submitted(job_id), keys.image(job_id), keys.result(job_id), keys.queue]
-        if await script(keys=keys_, args=[token, image, ttl, job_id]):
+        queued = await script(keys=keys_, args=[token, image, ttl, job_id, max_queue_length])
+        if queued == -1:
+            raise QueueFull
+        if queued:
             return job_id
 
 

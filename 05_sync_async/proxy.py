@@ -31,6 +31,7 @@ from logs import log_config
 log = logging.getLogger("proxy")
 # What a Redis call can raise: its own errors, and the deadline of `redis_deadline` passing.
 REDIS_DOWN = (aioredis.RedisError, TimeoutError)
+RETRY_AFTER = 5  # seconds a client is asked to wait when the queue is full (about 75 jobs' work)
 JOB_ID = re.compile(rf"[0-9a-f]{{{2 * jobs.ID_BYTES}}}")
 
 
@@ -38,8 +39,8 @@ class BadRequest(Exception):
     """The request is refused with 400 and this message; nothing has been stored."""
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @contextlib.asynccontextmanager
@@ -112,7 +113,18 @@ async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
     # Queue only what the fast model could read, so a bad upload never reaches the worker.
     try:
         async with redis_deadline(request):
-            job_id = await jobs.submit(state.redis, state.keys, image, state.settings.result_ttl)
+            job_id = await jobs.submit(
+                state.redis,
+                state.keys,
+                image,
+                state.settings.result_ttl,
+                state.settings.max_queue_length,
+            )
+    except jobs.QueueFull:
+        log.warning("queue full, job refused")
+        limit = state.settings.max_queue_length
+        message = f"the queue holds {limit} jobs already, try again later"
+        return error(429, message, {"Retry-After": str(RETRY_AFTER)})
     except REDIS_DOWN as exc:
         log.error("cannot queue the job", extra={"fields": {"error": repr(exc)}})
         return error(503, "job queue unavailable, try again later")

@@ -202,7 +202,7 @@ def submit(image: bytes, queue: str = "queue:jobs", redis_url: str = REDIS_URL) 
     async def _submit():
         client = aioredis.Redis.from_url(redis_url)
         try:
-            return await jobs.submit(client, jobs.Keys(queue), image, ttl=3600)
+            return await jobs.submit(client, jobs.Keys(queue), image, 3600, 1000)
         finally:
             await client.aclose()
 

@@ -5,9 +5,12 @@ import base64
 import io
 import json
 import os
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 from conftest import CAT_CLASSES, REDIS_URL, SAMPLE_B64, free_port, http, start_proxy
 from PIL import Image
@@ -94,8 +97,8 @@ def test_job_ids_never_collide(db):
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
             keys = jobs.Keys()
-            first = await jobs.submit(client, keys, b"one", ttl=60, new_id=lambda: next(ids))
-            second = await jobs.submit(client, keys, b"two", ttl=60, new_id=lambda: next(ids))
+            first = await jobs.submit(client, keys, b"one", 60, 10, new_id=lambda: next(ids))
+            second = await jobs.submit(client, keys, b"two", 60, 10, new_id=lambda: next(ids))
             return first, second
         finally:
             await client.aclose()
@@ -148,3 +151,19 @@ def test_a_retried_submit_queues_one_job(start, db, lossy_redis):
     assert status == 200, body
     assert db.lrange("queue:jobs", 0, -1) == [body["job_id"].encode()]
     assert db.keys("image:*") == [f"image:{body['job_id']}".encode()]
+
+
+def test_a_full_queue_is_429_with_retry_after(start, db):
+    _, base = start_proxy(start, MAX_QUEUE_LENGTH=2)
+    for _ in range(2):
+        assert predict(base, {"image_data": SAMPLE_B64})[0] == 200
+    request = urllib.request.Request(
+        f"{base}/predict", data=json.dumps({"image_data": SAMPLE_B64}).encode(), method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 429
+    assert int(refused.value.headers["Retry-After"]) > 0
+    assert set(json.loads(refused.value.read())) == {"error"}
+    assert db.llen("queue:jobs") == 2
+    assert len(db.keys("image:*")) == 2  # the refused image was not stored
