@@ -18,16 +18,32 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+# TensorFlow Serving's own limit (server.cc: builder.SetMaxMessageSize(kint32max)), not gRPC's
+# 4 MiB default: 300,000 Iris rows are already 4.8 MB. What a message may *declare* is bounded
+# separately, by MAX_ROWS, before any array is built.
+MAX_MESSAGE_BYTES = 2**31 - 1
+# Calls handled at once; past it gRPC answers RESOURCE_EXHAUSTED at once instead of queueing
+# without bound (each call may hold a large message). The bench runs 50 concurrent callers.
+MAX_CONCURRENT_RPCS = 200
+
 
 def requested_version(model_spec) -> int | None:
+    """The version asked for. The stand-in has no labels configured, so every label is unknown,
+    as TensorFlow Serving's ServerCore says for a label missing from its config."""
+    if model_spec.HasField("version_label"):
+        raise invalid(f"Unrecognized servable version label: {model_spec.version_label}")
     return model_spec.version.value if model_spec.HasField("version") else None
 
 
-def to_array(name: str, proto, expected_dtype: int, position: int) -> np.ndarray:
+def to_array(servable: Servable, key: str, name: str, proto, expected_dtype: int, position: int):
     if proto.dtype != expected_dtype:
         want = tf.dtypes.as_dtype(expected_dtype).name
         got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "invalid"
         raise invalid(f"Expects arg[{position}] to be {want} but {got} is provided")
+    if proto.tensor_shape.unknown_rank:
+        raise invalid(f"{name}: the tensor's shape has unknown rank")
+    # make_ndarray pads the values to the declared shape: check that shape first.
+    servable.check_shape(key, name, [d.size for d in proto.tensor_shape.dim])
     try:
         return tf.make_ndarray(proto)
     except (ValueError, TypeError) as exc:
@@ -55,14 +71,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         try:
             self.servable.check_spec(spec.name, requested_version(spec))
             key, sig = self.servable.signature(spec.signature_name)
-            if set(request.inputs) == set(sig.inputs):
-                order = sorted(sig.inputs)
-                inputs = {
-                    k: to_array(k, request.inputs[k], sig.inputs[k].dtype, order.index(k))
-                    for k in order
-                }
-            else:  # let validate() word the name mismatch
-                inputs = {k: np.zeros(0) for k in request.inputs}
+            self.servable.check_names(key, request.inputs)
+            order = sorted(sig.inputs)
+            inputs = {
+                k: to_array(self.servable, key, k, request.inputs[k], sig.inputs[k].dtype, i)
+                for i, k in enumerate(order)
+            }
             outputs = await self.scheduler.predict(key, self.servable.validate(key, inputs))
         except ServingError as exc:
             await context.abort(exc.code, exc.message)
@@ -95,17 +109,27 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     async def GetModelStatus(self, request, context):
         spec = request.model_spec
+        # GetModelStatus ignores a version label (get_model_status_impl.cc): all versions.
+        version = spec.version.value if spec.HasField("version") else None
         try:
-            return self.servable.status_proto(spec.name, requested_version(spec))
+            return self.servable.status_proto(spec.name, version)
         except ServingError as exc:
             await context.abort(exc.code, exc.message)
 
 
-def create_server(servable: Servable, scheduler: Scheduler, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server()
+def create_server(
+    servable: Servable, scheduler: Scheduler, host: str, port: int
+) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(servable, scheduler), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(servable), server)
-    server.add_insecure_port(f"0.0.0.0:{port}")
+    server.add_insecure_port(f"{host}:{port}")
     return server

@@ -8,7 +8,8 @@ same SavedModel with TensorFlow itself:
 
 It is ready when `GET /v1/models/iris` reports state AVAILABLE. Flags default to the
 environment variables of the tensorflow/serving image (PORT, REST_API_PORT, MODEL_NAME, and
-MODEL_BASE_PATH, the directory holding the model's directory), read once here.
+MODEL_BASE_PATH, the directory holding the model's directory), read once here. HOST (default
+127.0.0.1) is the address both servers bind; containers set 0.0.0.0.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ from rest_api import create_app
 from servable import Servable
 
 log = logging.getLogger("local_serving")
+
+# uvicorn's bounds for the REST server. A connection idle after an answer is closed after
+# KEEP_ALIVE_SECONDS (uvicorn's default 5, long enough for a client's next request). At most
+# MAX_CONNECTIONS connections or running requests at once: past that uvicorn answers 503 at
+# once, so slow or idle clients cannot pile up (the bench uses 50; 200 leaves four times that).
+KEEP_ALIVE_SECONDS = 5
+MAX_CONNECTIONS = 200
+BACKLOG = 256  # connections the kernel queues before accept(); uvicorn's default is 2048
 
 
 class JsonFormatter(logging.Formatter):
@@ -76,6 +85,9 @@ def flag_bool(text: str) -> bool:
 def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--host", default=env.get("HOST", "127.0.0.1"), help="address both servers bind"
+    )
     parser.add_argument(
         "--port", type=int, default=int(env.get("PORT", "8500")), help="port for the gRPC API"
     )
@@ -130,19 +142,22 @@ async def serve(flags: argparse.Namespace) -> None:
     )
     scheduler = Scheduler(servable.run, params)
     await scheduler.start()
-    grpc_server = create_server(servable, scheduler, flags.port)
+    grpc_server = create_server(servable, scheduler, flags.host, flags.port)
     await grpc_server.start()
-    log.info("gRPC API on 0.0.0.0:%d", flags.port)
+    log.info("gRPC API on %s:%d", flags.host, flags.port)
     rest_server = None
     if flags.rest_api_port:
         config = uvicorn.Config(
             create_app(servable, scheduler),
-            host="0.0.0.0",
+            host=flags.host,
             port=flags.rest_api_port,
             log_config=LOG_CONFIG,
             http="httptools",  # the compiled parser: h11 (pure Python) halves the throughput
             access_log=False,
             lifespan="off",
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            limit_concurrency=MAX_CONNECTIONS,
+            backlog=BACKLOG,
         )
         rest_server = uvicorn.Server(config)
     stop = asyncio.Event()

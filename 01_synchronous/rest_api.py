@@ -11,6 +11,7 @@ import json
 import math
 import re
 import struct
+import zlib
 
 import grpc
 import numpy as np
@@ -30,8 +31,15 @@ STATUS_PATH = re.compile(
     re.IGNORECASE,
 )
 _FLOAT32 = struct.Struct("f")  # rounds a Python float to float32, to test a round-trip
+# A request body, as sent and after gzip decoding, is refused past this while it streams in.
+# Sized for MAX_ROWS: a million rows as clients print them (~30 bytes each) fit; json.loads of
+# 32 MiB builds at most a few hundred MB of Python objects. TensorFlow Serving itself caps only
+# gzip bodies (ZLib::kMaxUncompressedBytes, 100 MiB).
+MAX_BODY_BYTES = 32 * 1024 * 1024
+INT64_MAX = 2**63 - 1
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,  # only for a body over MAX_BODY_BYTES
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.UNAVAILABLE: 503,
@@ -63,6 +71,8 @@ def load_body(body: bytes) -> tuple[dict, str]:
         doc = json.loads(body)  # Python's json accepts NaN and Infinity, as TF Serving does
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"JSON Parse error: {exc}") from None
+    except RecursionError:  # thousands of nested lists: refused, not a crash
+        raise invalid("JSON Parse error: nested too deeply") from None
     if not isinstance(doc, dict):
         raise invalid("JSON Value: request body Is not object")
     signature_name = doc.get("signature_name", "")
@@ -92,8 +102,11 @@ def parse_inputs(doc: dict, input_names: list[str]) -> tuple[dict[str, np.ndarra
         return {input_names[0]: to_array(instances, "instances")}, True
     if "inputs" in doc:
         inputs = doc["inputs"]
-        if isinstance(inputs, dict):
-            return {k: to_array(v, f"inputs.{k}") for k, v in inputs.items()}, False
+        if isinstance(inputs, dict):  # other names are ignored, as json_tensor.cc does
+            missing = next((n for n in input_names if n not in inputs), None)
+            if missing:
+                raise invalid(f"Missing named input: {missing} in 'inputs' object.")
+            return {n: to_array(inputs[n], f"inputs.{n}") for n in input_names}, False
         if len(input_names) != 1:
             raise invalid("inputs is a plain value/list, but expecting an object")
         return {input_names[0]: to_array(inputs, "inputs")}, False
@@ -145,6 +158,43 @@ def pretty(document: dict) -> Response:
     return Response(json.dumps(document, indent=1), media_type="application/json")
 
 
+def version_number(text: str | None) -> int | None:
+    """A URL's version as int64, refused with TensorFlow Serving's wording (absl::SimpleAtoi)."""
+    if text is None:
+        return None
+    if len(text) > 19 or int(text) > INT64_MAX:  # int() of 5,000 digits would raise
+        raise invalid(f"Failed to convert version: {text} to numeric.")
+    return int(text)
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, gunzipped if Content-Encoding says gzip (as TensorFlow Serving does), refused
+    as soon as it passes MAX_BODY_BYTES, sent or decoded: a gzip bomb stops at the limit too."""
+    too_large = ServingError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body larger than {MAX_BODY_BYTES} bytes"
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and (len(length) > 12 or int(length) > MAX_BODY_BYTES):
+        raise too_large  # refused before a byte of the body is read
+    gunzip = None
+    if "gzip" in request.headers.get("content-encoding", ""):
+        gunzip = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            if gunzip:  # at most one byte past the limit is ever decoded
+                chunk = gunzip.decompress(chunk, MAX_BODY_BYTES - size + 1)
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+    except zlib.error as exc:
+        raise invalid(f"gzip body cannot be decoded: {exc}") from None
+    if gunzip and not gunzip.eof:
+        raise invalid("gzip body is truncated")
+    return b"".join(chunks)
+
+
 def error_response(exc: ServingError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=HTTP_STATUS.get(exc.code, 500))
 
@@ -160,17 +210,20 @@ async def handle(request: Request) -> Response:
                 raise invalid("Missing model name in request.")
             if label:
                 raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "version labels are not served")
-            version = int(version) if version else None
+            version = version_number(version)
             if sub:
                 return pretty(servable.metadata(name, version))
             return pretty(servable.status(name, version))
         if method == "POST" and (m := PREDICT_PATH.fullmatch(path)):
             name, version, label, verb = m.groups()
-            if verb.lower() != "predict" or label:
+            version = version_number(version)
+            if label:  # no labels are configured: every label is unknown, as in ServerCore
+                raise invalid(f"Unrecognized servable version label: {label}")
+            if verb.lower() != "predict":
                 raise ServingError(
                     grpc.StatusCode.UNIMPLEMENTED, f"{verb} is not served by this stand-in"
                 )
-            return await predict(request, servable, name, int(version) if version else None)
+            return await predict(request, servable, name, version)
         raise invalid(f"Malformed request: {method} {path}")
     except ServingError as exc:
         return error_response(exc)
@@ -178,7 +231,7 @@ async def handle(request: Request) -> Response:
 
 async def predict(request: Request, servable: Servable, name: str, version: int | None):
     servable.check_spec(name, version)
-    doc, signature_name = load_body(await request.body())
+    doc, signature_name = load_body(await read_body(request))
     try:
         key, sig = servable.signature(signature_name)
     except ServingError:  # REST words it differently from gRPC, and says 400

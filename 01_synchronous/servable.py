@@ -29,6 +29,10 @@ from tensorflow_serving.apis import (  # noqa: E402
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
+# Rows in one Predict request, checked on the declared shape before any array is built (a gRPC
+# tensor declaring [10**9, 4] with a single value would otherwise be padded to 16 GB). Clients
+# send a few hundred thousand rows at most; a million Iris rows is a 16 MB float32 array.
+MAX_ROWS = 1_000_000
 
 
 class ServingError(Exception):
@@ -156,30 +160,44 @@ class Servable:
             )
         return key, sig
 
-    def validate(self, signature_key: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Same names as the signature, numbers only, shapes compatible: else INVALID_ARGUMENT."""
+    def check_shape(self, signature_key: str, name: str, shape: list[int]) -> None:
+        """A shape, declared or built, fits the signature and MAX_ROWS, else INVALID_ARGUMENT."""
+        expected, _ = self.input_specs[signature_key][name]
+        if any(s < 0 for s in shape) or (
+            expected is not None
+            and not (
+                len(expected) == len(shape)
+                and all(e in (-1, s) for e, s in zip(expected, shape, strict=True))
+            )
+        ):
+            raise invalid(
+                f"{name}: expected shape [{','.join(map(str, expected or []))}] "
+                f"but got [{','.join(map(str, shape))}]"
+            )
+        if shape and shape[0] > MAX_ROWS:
+            raise invalid(f"{name}: {shape[0]} rows, more than the {MAX_ROWS} allowed per request")
+
+    def check_names(self, signature_key: str, names) -> None:
+        """The inputs sent must be exactly the signature's, with TensorFlow Serving's wording."""
         specs = self.input_specs[signature_key]
-        if inputs.keys() != specs.keys():
-            sent, wanted = sorted(inputs), sorted(specs)
+        if set(names) != specs.keys():
+            sent, wanted = sorted(names), sorted(specs)
             raise invalid(
                 f"input size does not match signature: {len(sent)}!={len(wanted)} "
                 f"len({{{','.join(sent)}}}) != len({{{','.join(wanted)}}}). "
                 f"Sent extra: {{{','.join(sorted(set(sent) - set(wanted)))}}}. "
                 f"Missing but required: {{{','.join(sorted(set(wanted) - set(sent)))}}}."
             )
+
+    def validate(self, signature_key: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Same names as the signature, numbers only, shapes compatible: else INVALID_ARGUMENT."""
+        self.check_names(signature_key, inputs)
         checked = {}
         for key, value in inputs.items():
-            shape, dtype = specs[key]
+            _, dtype = self.input_specs[signature_key][key]
             if value.dtype.kind not in "iuf":
                 raise invalid(f"{key}: expects {dtype.name} values but got {value.dtype.name}")
-            if shape is not None and not (
-                len(shape) == value.ndim
-                and all(e in (-1, s) for e, s in zip(shape, value.shape, strict=True))
-            ):
-                raise invalid(
-                    f"{key}: expected shape [{','.join(map(str, shape))}] "
-                    f"but got [{','.join(map(str, value.shape))}]"
-                )
+            self.check_shape(signature_key, key, list(value.shape))
             checked[key] = value.astype(dtype, copy=False)
         return checked
 

@@ -63,8 +63,9 @@ def start_local_server(*extra: str, base_path: Path = MODEL_BASE_PATH):
         *extra,
     ]  # fmt: skip
     # stderr (TensorFlow's own start-up lines) is kept apart: stdout must be JSON lines only.
+    env = {k: v for k, v in os.environ.items() if k != "HOST"}  # the default, loopback
     process = subprocess.Popen(
-        command, cwd=CHAPTER, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, cwd=CHAPTER, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while model_state("127.0.0.1", rest_port) != "AVAILABLE":

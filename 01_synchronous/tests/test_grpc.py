@@ -4,6 +4,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import local_only
 from grpc_client import predict_request
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
@@ -106,3 +107,63 @@ def test_unknown_signature_is_failed_precondition(grpc_client):
 def test_the_server_still_answers_after_errors(grpc_client, iris, expected):
     test_wrong_shape_is_invalid_argument(grpc_client)
     np.testing.assert_allclose(grpc_client.predict(iris[0][:2]), expected[:2], atol=TOLERANCE)
+
+
+# ---- hostile messages (issue 10) ----------------------------------------------------------
+
+MAX_ROWS = 1_000_000  # servable.MAX_ROWS, stated here as the README does
+
+
+def declared(rows: int, columns: int = 4):
+    """A ~50-byte request declaring [rows, columns] with a single float_val."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    request = predict_request("iris", ROW)
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in (rows, columns)]
+    )
+    request.inputs["input"].CopyFrom(
+        tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, float_val=[1.0])
+    )
+    return request
+
+
+def test_huge_declared_shape_is_refused_before_any_array_is_built(grpc_client):
+    # [2**40, 4]: padding that to a 17.6 TB array fails; it must be refused from the shape.
+    request = declared(2**40)
+    assert request.ByteSize() < 60
+    error = rpc_error(lambda: send(grpc_client, request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@local_only
+def test_declared_rows_over_max_rows_are_refused(grpc_client):
+    error = rpc_error(lambda: send(grpc_client, declared(MAX_ROWS + 1)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"more than the {MAX_ROWS} allowed" in error.details()
+
+
+def test_declared_wrong_shape_is_refused_before_any_array_is_built(grpc_client):
+    error = rpc_error(lambda: send(grpc_client, declared(10, 10**9)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_message_over_grpc_default_4_mib_is_accepted(grpc_client):
+    # 400,000 rows of 3 floats (4.8 MB) pass gRPC's 4 MiB default; the shape is then refused.
+    request = predict_request("iris", np.zeros((400_000, 3), np.float32))
+    assert request.ByteSize() > 4 * 1024 * 1024
+    error = rpc_error(lambda: send(grpc_client, request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_version_label_is_invalid_argument(grpc_client):
+    request = predict_request("iris", ROW)
+    request.model_spec.version_label = "canary"
+    error = rpc_error(lambda: send(grpc_client, request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "Unrecognized servable version label: canary"
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    metadata.model_spec.name = "iris"
+    metadata.model_spec.version_label = "canary"
+    error = rpc_error(lambda: grpc_client.predictions.GetModelMetadata(metadata, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,8 +1,10 @@
 """What only the stand-in needs to prove: version choice, no-batching path, logs, start-up."""
 
 import json
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,12 +40,43 @@ def test_predicts_without_batching(two_versions, iris, expected):
     np.testing.assert_allclose(client.predict(iris[0].tolist()), expected, atol=1e-5)
 
 
+MAX_CONNECTIONS = 200  # local_serving.MAX_CONNECTIONS, stated here as the README does
+
+
+def test_connections_past_the_limit_get_503(two_versions):
+    _, client = two_versions
+    port = int(client.base.split(":")[2].split("/")[0])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30)]
+    try:
+        while len(idle) < MAX_CONNECTIONS:
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        with pytest.raises(ServingError) as info:
+            client.status()
+        assert info.value.status == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 30  # the server notices the closed sockets, then answers
+    while True:
+        try:
+            assert client.status()["model_version_status"]
+            break
+        except ServingError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_logs_are_json_lines_and_sigterm_stops_cleanly(two_versions):
     process, _ = two_versions
     stop(process)
     assert process.returncode == 0
     lines = process.stdout.read().splitlines()
     assert lines and all(json.loads(line)["level"] for line in lines)
+    # HOST is unset in the tests: both servers bind the loopback address only.
+    messages = [json.loads(line)["message"] for line in lines]
+    assert any(m.startswith("gRPC API on 127.0.0.1:") for m in messages)
+    assert any("Uvicorn running on http://127.0.0.1:" in m for m in messages)
 
 
 def test_missing_model_path_fails_fast_with_a_message(tmp_path):

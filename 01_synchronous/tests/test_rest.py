@@ -6,6 +6,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import local_only
 from rest_client import ServingError
 
 TOLERANCE = 1e-5  # float32 printed as decimal text, and possibly other CPU kernels
@@ -134,3 +135,113 @@ def test_unknown_model_status_is_404(server):
         RestClient(server.host, server.rest_port, "nope").status()
     assert info.value.status == 404
     assert info.value.message == "Could not find any versions of model nope"
+
+
+# ---- hostile bodies and URLs (issue 10) ---------------------------------------------------
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # rest_api.MAX_BODY_BYTES, stated here as the README does
+ROW_BODY = b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
+
+
+def raw_request(server, method: str, path: str, body: bytes = b"", headers=None):
+    """(status, JSON answer) over http.client, for headers urllib would not send."""
+    import http.client
+
+    connection = http.client.HTTPConnection(server.host, server.rest_port, timeout=30)
+    try:
+        chunked = not isinstance(body, bytes)  # an iterable: sent as chunks
+        connection.request(method, path, body, headers or {}, encode_chunked=chunked)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_gzip_body_is_accepted(server, expected):
+    import gzip
+
+    status, answer = raw_request(
+        server, "POST", PREDICT, gzip.compress(ROW_BODY), {"Content-Encoding": "gzip"}
+    )
+    assert status == 200
+    np.testing.assert_allclose(answer["predictions"], expected[:1], atol=TOLERANCE)
+
+
+@local_only
+def test_gzip_bomb_is_refused_at_the_limit(server):
+    # 38 KB on the wire, a valid JSON document of MAX_BODY_BYTES + 1 once decoded.
+    import gzip
+
+    bomb = gzip.compress(ROW_BODY[:-1] + b" " * (MAX_BODY_BYTES - len(ROW_BODY) + 1) + b"}")
+    status, answer = raw_request(server, "POST", PREDICT, bomb, {"Content-Encoding": "gzip"})
+    assert status == 413
+    assert "larger than" in answer["error"]
+
+
+@local_only
+def test_body_over_the_limit_is_413(server):
+    body = ROW_BODY[:-1] + b" " * (MAX_BODY_BYTES - len(ROW_BODY) + 1) + b"}"
+    status, answer = raw_request(server, "POST", PREDICT, body)
+    assert status == 413 and "larger than" in answer["error"]
+
+
+@local_only
+def test_declared_huge_body_is_refused_before_it_is_sent(server):
+    # Content-Length says 1 TB and no body follows: the answer must not wait for the body.
+    import socket
+
+    with socket.create_connection((server.host, server.rest_port), timeout=20) as sock:
+        sock.sendall(
+            b"POST /v1/models/iris:predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 1000000000000\r\n\r\n{"
+        )
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413")
+
+
+@local_only
+def test_chunked_body_over_the_limit_is_413(server):
+    # No Content-Length: the limit holds while the chunks stream in.
+    def chunks():
+        yield ROW_BODY[:-1]
+        for _ in range(MAX_BODY_BYTES // (1 << 20) + 1):
+            yield b" " * (1 << 20)
+        yield b"}"
+
+    status, answer = raw_request(server, "POST", PREDICT, chunks())
+    assert status == 413
+
+
+def test_deeply_nested_json_is_400(server):
+    body = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, answer = raw_post(server, PREDICT, body)
+    assert status == 400 and list(answer) == ["error"]
+
+
+@pytest.mark.parametrize("digits", [20, 5000])
+def test_version_too_large_for_int64_is_400(server, digits):
+    version = "9" * digits
+    status, answer = raw_post(server, f"/v1/models/iris/versions/{version}:predict", ROW_BODY)
+    assert status == 400
+    assert answer["error"] == f"Failed to convert version: {version} to numeric."
+    status, answer = raw_request(server, "GET", f"/v1/models/iris/versions/{version}")
+    assert status == 400 and answer["error"].startswith("Failed to convert version")
+
+
+def test_columnar_extra_inputs_are_ignored(server, expected):
+    body = json.dumps({"inputs": {"input": [[5.1, 3.5, 1.4, 0.2]], "extra": [1, 2]}}).encode()
+    status, answer = raw_post(server, PREDICT, body)
+    assert status == 200
+    np.testing.assert_allclose(answer["outputs"], expected[:1], atol=TOLERANCE)
+
+
+def test_columnar_missing_input_is_400_with_tensorflow_servings_words(server):
+    status, answer = raw_post(server, PREDICT, b'{"inputs": {"x": [[5.1, 3.5, 1.4, 0.2]]}}')
+    assert status == 400
+    assert answer["error"] == "Missing named input: input in 'inputs' object."
+
+
+def test_unknown_version_label_is_400(server):
+    status, answer = raw_post(server, "/v1/models/iris/labels/canary:predict", ROW_BODY)
+    assert status == 400
+    assert answer["error"] == "Unrecognized servable version label: canary"
