@@ -180,6 +180,11 @@ async def bad_input(request, exc: Exception) -> JSONResponse:
     return error(422, str(exc))
 
 
+async def server_error(request, exc: Exception) -> JSONResponse:
+    """A bug is still answered in the chapter's error shape (uvicorn logs the traceback)."""
+    return error(500, "internal error")
+
+
 async def http_error(request, exc: HTTPException) -> JSONResponse:
     """404, 405 and 413, in the same shape as every other error."""
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
@@ -208,7 +213,7 @@ async def health(request) -> JSONResponse:
     ---
     responses:
       "200":
-        description: always {"health": "ok"} while the process serves
+        description: '{"health": "ok"} while the process serves'
         content:
           application/json:
             schema:
@@ -253,7 +258,11 @@ def web_app(
         ],
         lifespan=lifespan,
         middleware=middleware,
-        exception_handlers={BadInput: bad_input, HTTPException: http_error},
+        exception_handlers={
+            BadInput: bad_input,
+            HTTPException: http_error,
+            Exception: server_error,
+        },
     )
 
 
