@@ -66,7 +66,7 @@ init_datadir() {
   fi
   log Note "Initializing database files"
   mariadb-install-db --user=mysql --datadir="$DATADIR" --skip-test-db --skip-name-resolve \
-    --auth-root-authentication-method=socket --skip-auth-anonymous-user >/dev/null
+    --auth-root-authentication-method=socket >/dev/null
   log Note "Starting temporary server"
   setpriv --reuid=mysql --regid=mysql --init-groups \
     mariadbd "$@" --skip-networking --socket="$SOCKET" &
@@ -76,7 +76,7 @@ init_datadir() {
     kill -0 "$pid" 2>/dev/null || die "the temporary server exited"
     sleep 1
   done
-  local sql="SET @@SESSION.SQL_LOG_BIN=0;"
+  local sql="SET @@SESSION.SQL_LOG_BIN=0; DELETE FROM mysql.global_priv WHERE User = '';"
   if [ -n "$MYSQL_ROOT_PASSWORD" ]; then
     sql+="ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD($(sql_string "$MYSQL_ROOT_PASSWORD")) OR unix_socket;"
   fi
