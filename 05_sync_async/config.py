@@ -1,7 +1,7 @@
 """Settings for the proxy and the worker, read once from the environment at start-up."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -16,7 +16,9 @@ def _path(name: str, default: str) -> Path:
 @dataclass(frozen=True)
 class Settings:
     port: int
-    redis_url: str
+    # A password comes in REDIS_URL or, better, in REDIS_PASSWORD; neither is ever shown (repr).
+    redis_url: str = field(repr=False)
+    redis_password: str | None = field(repr=False)
     redis_timeout: float
     queue_name: str
     sync_model_path: Path
@@ -40,6 +42,7 @@ class Settings:
         return cls(
             port=int(env("PORT", "8000")),
             redis_url=env("REDIS_URL", "redis://127.0.0.1:6379/5"),
+            redis_password=env("REDIS_PASSWORD") or None,
             redis_timeout=float(env("REDIS_TIMEOUT", "2")),
             queue_name=env("QUEUE_NAME", "queue:jobs"),
             sync_model_path=_path("SYNC_MODEL_PATH", "../models/imagenet/efficientnet_lite0.onnx"),

@@ -58,6 +58,7 @@ async def lifespan(app: Starlette):
     app.state.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     app.state.redis = aioredis.Redis.from_url(
         settings.redis_url,
+        password=settings.redis_password,  # if the URL holds one, the URL's wins
         socket_connect_timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         # One retry, on a fresh connection: a pooled one may have died with a Redis restart.

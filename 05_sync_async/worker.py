@@ -46,6 +46,7 @@ def connect(settings: Settings, name: str) -> redis.Redis:
     # The socket timeout must outlast BLMOVE's own wait, or every idle wait would be an error.
     return redis.Redis.from_url(
         settings.redis_url,
+        password=settings.redis_password,
         client_name=name,
         socket_connect_timeout=2,
         socket_timeout=BLOCK_SECONDS + 5,

@@ -27,6 +27,8 @@ CHAPTER = Path(__file__).resolve().parents[1]
 # Our own database index on whatever server REDIS_URL names: the only data these tests flush.
 _url = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
 REDIS_URL = urlunsplit(_url._replace(path="/5"))
+# A password, if the tests' Redis needs one, comes in the URL or here, as for the chapter's apps.
+REDIS_PASSWORD = os.environ.get("REDIS_PASSWORD") or None
 SAMPLE = (CHAPTER / "samples" / "chelsea.jpg").read_bytes()
 SAMPLE_B64 = base64.b64encode(SAMPLE).decode()
 CAT_CLASSES = {"tiger cat", "Egyptian cat", "tabby", "Persian cat", "Siamese cat", "lynx"}
@@ -42,18 +44,23 @@ def pytest_configure(config):
     if missing:
         pytest.exit(f"models missing: {', '.join(missing)}; build them with `make -C .. models`")
     try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        connect(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
+        where = f"{_url.hostname}:{_url.port or 6379}"  # never the URL: it may hold a password
         pytest.exit(
-            f"no Redis at {REDIS_URL} ({exc}). Start one: `docker compose up -d redis`, or the "
-            "Debian package `redis-server` (Homebrew: `redis`), or set REDIS_URL."
+            f"no Redis at {where} ({exc}). Start one: the Debian package `redis-server` "
+            "(Homebrew: `redis`), or set REDIS_URL (and REDIS_PASSWORD)."
         )
+
+
+def connect(url: str = REDIS_URL, password: str | None = REDIS_PASSWORD, **options) -> redis.Redis:
+    return redis.Redis.from_url(url, password=password, **options)
 
 
 @pytest.fixture
 def db():
     """A client on the tests' database, emptied before each test."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = connect()
     client.flushdb()
     yield client
     client.close()
@@ -185,7 +192,7 @@ def start_worker(start, redis_url: str = REDIS_URL, **env) -> Process:
     """A supervisor with its processes, returned once every one waits on the queue."""
     env = {"NUM_WORKERS": 2, "VISIBILITY_TIMEOUT": 2, **env}
     process = start("worker.py", REDIS_URL=redis_url, **env)
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url, env.get("REDIS_PASSWORD", REDIS_PASSWORD))
 
     def waiting():
         names = [c["name"] for c in client.client_list() if c["cmd"] == "blmove"]
@@ -196,11 +203,13 @@ def start_worker(start, redis_url: str = REDIS_URL, **env) -> Process:
     return process
 
 
-def submit(image: bytes, queue: str = "queue:jobs", redis_url: str = REDIS_URL) -> str:
+def submit(
+    image: bytes, queue: str = "queue:jobs", redis_url: str = REDIS_URL, password=REDIS_PASSWORD
+) -> str:
     """Queue a job the way the proxy does, without a proxy."""
 
     async def _submit():
-        client = aioredis.Redis.from_url(redis_url)
+        client = aioredis.Redis.from_url(redis_url, password=password)
         try:
             return await jobs.submit(client, jobs.Keys(queue), image, 3600, 1000)
         finally:

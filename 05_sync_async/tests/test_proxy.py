@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import CAT_CLASSES, REDIS_URL, SAMPLE_B64, free_port, http, start_proxy
+from conftest import (
+    CAT_CLASSES,
+    REDIS_PASSWORD,
+    REDIS_URL,
+    SAMPLE_B64,
+    free_port,
+    http,
+    start_proxy,
+)
 from PIL import Image
 
 import jobs
@@ -94,7 +102,7 @@ def test_job_ids_never_collide(db):
     ids = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
 
     async def two_jobs():
-        client = aioredis.Redis.from_url(REDIS_URL)
+        client = aioredis.Redis.from_url(REDIS_URL, password=REDIS_PASSWORD)
         try:
             keys = jobs.Keys()
             first = await jobs.submit(client, keys, b"one", 60, 10, new_id=lambda: next(ids))

@@ -2,12 +2,24 @@
 
 import json
 import os
+import secrets
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import redis
-from conftest import SAMPLE, free_port, result, start_worker, submit, wait_until
+from conftest import (
+    SAMPLE,
+    SAMPLE_B64,
+    free_port,
+    http,
+    result,
+    start_proxy,
+    start_worker,
+    submit,
+    wait_until,
+)
 
 
 def test_job_completes_with_the_accurate_label(start, db):
@@ -118,3 +130,38 @@ def test_worker_reconnects_after_redis_restarts(start, private_redis):
     client = redis.Redis.from_url(url)
     done = wait_until(lambda: result(client, job_id), 60, "the job after the restart", worker)
     assert done["prediction"] == "Egyptian cat"
+
+
+@pytest.fixture
+def redis_with_password():
+    """A Redis of our own that requires a password, given on stdin (argv is public: `ps`)."""
+    port, password = free_port(), secrets.token_hex(16)
+    server = subprocess.Popen(
+        ["redis-server", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    server.stdin.write(f'port {port}\nsave ""\nappendonly no\nrequirepass {password}\n'.encode())
+    server.stdin.close()
+    client = redis.Redis(port=port, password=password)
+    wait_until(lambda: _pings(client), 10, f"redis-server on port {port}")
+    yield port, password
+    server.kill()
+    server.wait()
+
+
+def test_the_redis_password_comes_from_the_environment_and_is_never_shown(
+    start, redis_with_password
+):
+    port, password = redis_with_password
+    url = f"redis://127.0.0.1:{port}/0"
+    worker = start_worker(start, redis_url=url, REDIS_PASSWORD=password)
+    proxy, base = start_proxy(start, REDIS_URL=url, REDIS_PASSWORD=password)
+    assert http("GET", f"{base}/health") == (200, {"health": "ok"})
+    status, body = http("POST", f"{base}/predict", json.dumps({"image_data": SAMPLE_B64}).encode())
+    assert status == 200, body
+    client = redis.Redis(port=port, password=password)
+    done = wait_until(lambda: result(client, body["job_id"]), 60, "the job's result", worker)
+    assert done["prediction"] == "Egyptian cat"
+    for process in (proxy, worker):
+        assert password not in process.output()
+        for pid in (process.popen.pid, *process.children()):
+            assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
