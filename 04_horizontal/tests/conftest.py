@@ -6,6 +6,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from processes import Process, start, start_proxy, start_services, wait_healthy  # noqa: E402
+
+FUZZ_REQUESTS = Counter()  # app -> requests sent by test_fuzz.py, printed after the run
+
+
+def pytest_terminal_summary(terminalreporter):
+    for app, count in sorted(FUZZ_REQUESTS.items()):
+        terminalreporter.write_line(f"fuzz: {count} requests to the {app}")
 
 
 @dataclass
