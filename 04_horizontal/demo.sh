@@ -69,6 +69,9 @@ wait "${PID_OF[virginica]}" 2>/dev/null || true
 show 200 POST "$P/predict" "$ROW"
 show 200 POST "$P/predict/label" "$ROW"
 show 200 GET "$P/health/all"
+echo "# the detail, with the address, is in the proxy's log only (its last warning):"
+grep '"logger": "proxy"' "$LOGS" | tail -n 1
+echo
 
 echo "## virginica back: full answers again"
 start_service virginica >>"$LOGS" 2>&1

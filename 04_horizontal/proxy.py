@@ -158,7 +158,7 @@ class FanOut:
             error, detail = f"answer larger than {MAX_BODY_BYTES} bytes", ""
         except (ValueError, RecursionError) as exc:  # not JSON, or nested deeper than the stack
             error, detail = "answered with invalid JSON", type(exc).__name__
-        log.warning("%s %s %s failed: %s %s", name, method, url, error, detail)
+        log.warning("%s %s %s failed: %s (%s)", name, method, url, error, detail or "-")
         return Answer(error=error)
 
 
