@@ -15,7 +15,10 @@ def _path(name: str, default: str) -> Path:
 
 @dataclass(frozen=True)
 class Settings:
+    host: str
     port: int
+    max_concurrency: int
+    api_key: str | None = field(repr=False)
     # A password comes in REDIS_URL or, better, in REDIS_PASSWORD; neither is ever shown (repr).
     redis_url: str = field(repr=False)
     redis_password: str | None = field(repr=False)
@@ -40,7 +43,10 @@ class Settings:
     def from_env(cls) -> "Settings":
         env = os.environ.get
         return cls(
+            host=env("HOST", "127.0.0.1"),  # 0.0.0.0 only in a container (compose.yaml)
             port=int(env("PORT", "8000")),
+            max_concurrency=int(env("MAX_CONCURRENCY", "32")),
+            api_key=env("API_KEY") or None,
             redis_url=env("REDIS_URL", "redis://127.0.0.1:6379/5"),
             redis_password=env("REDIS_PASSWORD") or None,
             redis_timeout=float(env("REDIS_TIMEOUT", "2")),

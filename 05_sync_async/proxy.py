@@ -2,13 +2,14 @@
 
 POST /predict {"image_data": "<base64>"} -> {"job_id", "result_sync", "top5"}
 GET  /job/{job_id}                       -> {"<job_id>": {"prediction", "status", ...}}
-GET  /predict/test | /health | /metadata
+GET  /predict/test | /health | /metadata | /openapi.json (generated from the docstrings below)
 """
 
 import asyncio
 import base64
 import binascii
 import contextlib
+import hmac
 import json
 import logging
 import re
@@ -19,9 +20,12 @@ import uvicorn
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
 
 import jobs
 from classifier import Classifier, InvalidImage, decode_image, efficientnet_input, load_labels
@@ -33,6 +37,60 @@ log = logging.getLogger("proxy")
 REDIS_DOWN = (aioredis.RedisError, TimeoutError)
 RETRY_AFTER = 5  # seconds a client is asked to wait when the queue is full (about 75 jobs' work)
 JOB_ID = re.compile(rf"[0-9a-f]{{{2 * jobs.ID_BYTES}}}")
+KEEP_ALIVE_SECONDS = 5  # an idle keep-alive connection is closed after this long
+# Open even when API_KEY is set: probes, the API's description, and the static demo page (whose
+# own requests then need the key, so the page is for a key-less local run).
+OPEN_PATHS = {"/health", "/openapi.json", "/"}
+
+
+def _error_response(description: str) -> dict:
+    schema = {"$ref": "#/components/schemas/Error"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+# The OpenAPI document, built from the endpoints' docstrings (after `---`) so it cannot drift.
+SCHEMA = SchemaGenerator(
+    {
+        "openapi": "3.0.3",
+        "info": {"title": "05 sync-async proxy", "version": "1.0"},
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                },
+                "Top5": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["label", "probability"],
+                        "properties": {
+                            "label": {"type": "string"},
+                            "probability": {"type": "number", "minimum": 0, "maximum": 1},
+                        },
+                    },
+                },
+                "Prediction": {
+                    "type": "object",
+                    "required": ["job_id", "result_sync", "top5"],
+                    "properties": {
+                        "job_id": {"type": "string", "pattern": "^[0-9a-f]{6}$"},
+                        "result_sync": {"type": "string"},
+                        "top5": {"$ref": "#/components/schemas/Top5"},
+                    },
+                },
+            },
+            "responses": {
+                "BadRequest": _error_response("not a JSON {image_data} holding an image we accept"),
+                "Unauthorized": _error_response("API_KEY is set and the request lacks it"),
+                "NotFound": _error_response("unknown or expired job id"),
+                "QueueFull": _error_response("MAX_QUEUE_LENGTH jobs wait already; see Retry-After"),
+                "RedisDown": _error_response("Redis unavailable or too slow (REDIS_TIMEOUT)"),
+            },
+        },
+    }
+)
 
 
 class BadRequest(Exception):
@@ -78,6 +136,16 @@ def redis_deadline(request: Request) -> asyncio.Timeout:
     return asyncio.timeout(request.app.state.settings.redis_timeout)
 
 
+async def require_api_key(request: Request, call_next):
+    """With API_KEY set, every path but OPEN_PATHS needs `Authorization: Bearer <API_KEY>`."""
+    key = request.app.state.settings.api_key
+    if key and request.url.path not in OPEN_PATHS:
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {key}".encode()):  # constant time
+            return error(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
 async def read_image_data(request: Request, max_image_bytes: int) -> bytes:
     """The decoded `image_data` field; the body is read only up to what a valid one needs."""
     limit = 4 * (max_image_bytes // 3 + 1) + 1024  # base64 of the largest image, plus the JSON
@@ -88,7 +156,7 @@ async def read_image_data(request: Request, max_image_bytes: int) -> bytes:
             raise BadRequest(f"image over the {max_image_bytes} byte limit")
     try:
         payload = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
         raise BadRequest("body is not JSON") from exc
     if not isinstance(payload, dict) or not isinstance(payload.get("image_data"), str):
         raise BadRequest('expected {"image_data": "<base64 image>"}')
@@ -135,6 +203,28 @@ async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
 
 
 async def predict(request: Request) -> JSONResponse:
+    """The fast model's answer now; the same image is queued for the accurate one.
+    ---
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [image_data]
+            properties:
+              image_data: {type: string, description: "base64 of a JPEG, PNG or WebP image"}
+    responses:
+      "200":
+        description: the fast answer and the id of the queued job
+        content:
+          application/json:
+            schema: {$ref: "#/components/schemas/Prediction"}
+      "400": {$ref: "#/components/responses/BadRequest"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "429": {$ref: "#/components/responses/QueueFull"}
+      "503": {$ref: "#/components/responses/RedisDown"}
+    """
     try:
         image = await read_image_data(request, request.app.state.settings.max_image_bytes)
     except BadRequest as exc:
@@ -143,10 +233,48 @@ async def predict(request: Request) -> JSONResponse:
 
 
 async def predict_test(request: Request) -> JSONResponse:
+    """POST /predict with the sample photo.
+    ---
+    responses:
+      "200":
+        description: the fast answer and the id of the queued job
+        content:
+          application/json:
+            schema: {$ref: "#/components/schemas/Prediction"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "429": {$ref: "#/components/responses/QueueFull"}
+      "503": {$ref: "#/components/responses/RedisDown"}
+    """
     return await predict_bytes(request, request.app.state.sample)
 
 
 async def job(request: Request) -> JSONResponse:
+    """A job's state; "prediction" is "" until its status is "complete".
+    ---
+    parameters:
+      - {name: job_id, in: path, required: true, schema: {type: string}}
+    responses:
+      "200":
+        description: "{job_id: state}"
+        content:
+          application/json:
+            schema:
+              type: object
+              minProperties: 1
+              maxProperties: 1
+              additionalProperties:
+                type: object
+                required: [status, prediction]
+                properties:
+                  status: {type: string, enum: [queued, in_progress, complete, failed]}
+                  prediction: {type: string}
+                  top5: {$ref: "#/components/schemas/Top5"}
+                  model: {type: string}
+                  error: {type: string}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "503": {$ref: "#/components/responses/RedisDown"}
+    """
     job_id = request.path_params["job_id"]
     if not JOB_ID.fullmatch(job_id):
         return error(404, f"unknown job {job_id!r}")
@@ -161,6 +289,20 @@ async def job(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
+    """Whether Redis answers; open even when API_KEY is set.
+    ---
+    responses:
+      "200":
+        description: ready
+        content:
+          application/json:
+            schema: {type: object, required: [health], properties: {health: {enum: [ok]}}}
+      "503":
+        description: Redis unavailable
+        content:
+          application/json:
+            schema: {type: object, required: [health], properties: {health: {type: string}}}
+    """
     try:
         async with redis_deadline(request):
             await request.app.state.redis.ping()
@@ -170,6 +312,21 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def metadata(request: Request) -> JSONResponse:
+    """What the API takes and returns, and the two models' names.
+    ---
+    responses:
+      "200":
+        description: the metadata
+        content:
+          application/json:
+            schema:
+              type: object
+              required: [sync_model, async_model]
+              properties:
+                sync_model: {type: string}
+                async_model: {type: string}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+    """
     return JSONResponse(
         {
             "data_type": "str",
@@ -185,7 +342,20 @@ async def metadata(request: Request) -> JSONResponse:
 
 
 async def page(request: Request) -> HTMLResponse:
+    """The one-page demo.
+    ---
+    responses:
+      "200":
+        description: the page
+        content:
+          text/html: {schema: {type: string}}
+    """
     return HTMLResponse(request.app.state.page)
+
+
+async def openapi(request: Request) -> JSONResponse:
+    # JSON, not Starlette's OpenAPIResponse (YAML): schemathesis refuses YAML's integer codes.
+    return JSONResponse(SCHEMA.get_schema(routes=request.app.routes))
 
 
 app = Starlette(
@@ -196,14 +366,25 @@ app = Starlette(
         Route("/job/{job_id}", job),
         Route("/health", health),
         Route("/metadata", metadata),
+        Route("/openapi.json", openapi, include_in_schema=False),
     ],
+    middleware=[Middleware(BaseHTTPMiddleware, dispatch=require_api_key)],
     lifespan=lifespan,
 )
 
 
 def main() -> None:
     settings = Settings.from_env()
-    uvicorn.run(app, host="0.0.0.0", port=settings.port, log_config=log_config(settings.log_level))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=log_config(settings.log_level),
+        # Past MAX_CONCURRENCY open connections or requests, uvicorn answers 503 at once: each
+        # request in flight can hold a body of up to ~3 x MAX_IMAGE_BYTES while it is parsed.
+        limit_concurrency=settings.max_concurrency,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,9 @@ BAD_REQUESTS = {
     "too many bytes": {"image_data": base64.b64encode(os.urandom(1_000_001)).decode()},
     "body far too large": {"image_data": "A" * 3_000_000},
     "too many pixels": {"image_data": png(1001, 1000)},
+    "deeply nested": b'{"image_data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "huge integer": b'{"image_data": ' + b"7" * 5000 + b"}",
+    "a GIF": {"image_data": base64.b64encode(b"GIF89a" + bytes(100)).decode()},
 }
 
 
@@ -175,3 +179,45 @@ def test_a_full_queue_is_429_with_retry_after(start, db):
     assert set(json.loads(refused.value.read())) == {"error"}
     assert db.llen("queue:jobs") == 2
     assert len(db.keys("image:*")) == 2  # the refused image was not stored
+
+
+def test_the_proxy_binds_to_host(start):
+    process, base = start_proxy(start)  # HOST unset: loopback only
+    assert f"Uvicorn running on {base}" in process.output()
+
+
+def test_connections_past_max_concurrency_are_refused(start):
+    _, base = start_proxy(start, MAX_CONCURRENCY=2)
+    port = int(base.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        request = urllib.request.Request(f"{base}/health")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 503
+    finally:
+        for connection in idle:
+            connection.close()
+    assert http("GET", f"{base}/health")[0] == 200
+
+
+def test_api_key_when_set(start, db):
+    _, base = start_proxy(start, API_KEY="s3cret-key")
+    body = json.dumps({"image_data": SAMPLE_B64}).encode()
+    assert http("GET", f"{base}/health")[0] == 200  # probes need no key
+    assert http("GET", f"{base}/openapi.json")[0] == 200
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
+        for method, path, payload in [
+            ("GET", "/metadata", None),
+            ("POST", "/predict", body),
+            ("GET", "/predict/test", None),
+            ("GET", "/job/abcdef", None),
+        ]:
+            status, answer = http(method, f"{base}{path}", payload, headers=headers)
+            assert (status, set(answer)) == (401, {"error"}), (path, headers)
+    assert db.dbsize() == 0
+    good = {"Authorization": "Bearer s3cret-key"}
+    assert http("GET", f"{base}/metadata", headers=good)[0] == 200
+    status, answer = http("POST", f"{base}/predict", body, headers=good)
+    assert status == 200
+    assert http("GET", f"{base}/job/{answer['job_id']}", headers=good)[0] == 200
