@@ -53,6 +53,7 @@ BAD_BODIES = [
     b'{"data": [[1, 2, 3, NaN]]}',
     b'{"data": [[1, 2, 3, 1e39]]}',
     b'{"data": [[1, 2, 3, 1' + b"0" * 400 + b"]]}",
+    b'{"data": [[1, 2, 3, 1' + b"0" * 5000 + b"]]}",  # past Python's 4,300-digit int limit
     b'{"data": [' + b",".join([b"[1, 2, 3, 4]"] * 1001) + b"]}",
     b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # RecursionError in json.loads
 ]
