@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
 
 PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
@@ -247,9 +248,106 @@ async def predict(request: Request, servable: Servable, name: str, version: int 
     )
 
 
+# ---- the documented doors and the OpenAPI description ----------------------------------------
+# Every route in create_app ends in handle(), which parses the path with TensorFlow Serving's own
+# regular expressions; the routes exist so that /openapi.json describes the API from the code.
+
+ERROR = {
+    "description": "error",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}},
+            }
+        }
+    },
+}
+OBJECT = {"content": {"application/json": {"schema": {"type": "object"}}}}
+ERRORS = {status: ERROR for status in (400, 404, 413, 501, 503)}
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]  # libevent's list
+PATH_PARAMETERS = {  # what TensorFlow Serving's path regular expressions accept
+    "model_name": {"type": "string", "pattern": "^[^/:]+$"},
+    "version": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+}
+
+
+async def status(request: Request) -> Response:
+    """Model status: GetModelStatusResponse as JSON."""
+    return await handle(request)
+
+
+async def metadata(request: Request) -> Response:
+    """Model metadata: the SavedModel's signature_def map."""
+    return await handle(request)
+
+
+async def predict_route(request: Request) -> Response:
+    """Predict: `instances` (rows) -> `predictions`, or `inputs` (columns) -> `outputs`."""
+    return await handle(request)
+
+
+PREDICT_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object",
+    "properties": {
+        "signature_name": {"type": "string"},
+        "instances": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "inputs": {"type": "object"},
+    },
+}}}}  # fmt: skip
+
+
+def operation(endpoint, path: str) -> dict:
+    """One OpenAPI operation: its summary from the docstring, path parameters from the path."""
+    names = re.findall(r"{(\w+)}", path)
+    operation = {
+        "summary": endpoint.__doc__.split("\n")[0],
+        "parameters": [
+            {"name": n, "in": "path", "required": True, "schema": PATH_PARAMETERS[n]} for n in names
+        ],
+        "responses": {200: {"description": "the answer", **OBJECT}, **ERRORS},
+    }
+    if endpoint is predict_route:
+        operation["requestBody"] = PREDICT_BODY
+    return operation
+
+
+SCHEMAS = SchemaGenerator({"openapi": "3.0.3", "info": {
+    "title": "TensorFlow Serving REST API (local stand-in)", "version": "1"}})  # fmt: skip
+
+
+def openapi_schema(routes) -> dict:
+    """The OpenAPI 3 description of the app's own routes (Starlette's SchemaGenerator)."""
+    paths: dict = {}
+    for endpoint in SCHEMAS.get_endpoints(routes):
+        paths.setdefault(endpoint.path, {})[endpoint.http_method] = operation(
+            endpoint.func, endpoint.path
+        )
+    return {**SCHEMAS.base_schema, "paths": paths}
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(openapi_schema(request.app.routes))
+
+
 def create_app(servable: Servable, scheduler: Scheduler) -> Starlette:
     """The caller owns the model and the scheduler (one of each for REST and gRPC together)."""
-    app = Starlette(routes=[Route("/v1/{rest:path}", handle, methods=["GET", "POST"])])
+    routes = [
+        Route("/v1/models/{model_name}", status, methods=["GET"]),
+        Route("/v1/models/{model_name}/versions/{version}", status, methods=["GET"]),
+        Route("/v1/models/{model_name}/metadata", metadata, methods=["GET"]),
+        Route("/v1/models/{model_name}/versions/{version}/metadata", metadata, methods=["GET"]),
+        Route("/v1/models/{model_name}:predict", predict_route, methods=["POST"]),
+        Route(
+            "/v1/models/{model_name}/versions/{version}:predict", predict_route, methods=["POST"]
+        ),
+        Route("/openapi.json", openapi, include_in_schema=False),
+        # Anything else under /v1, any method, gets TensorFlow Serving's own answer (400
+        # "Malformed request: OPTIONS /v1/..."), not Starlette's 404 or 405.
+        Route("/v1/{rest:path}", handle, methods=ANY_METHOD, include_in_schema=False),
+    ]
+    app = Starlette(routes=routes)
     app.state.servable = servable
     app.state.scheduler = scheduler
     return app
