@@ -23,9 +23,11 @@ MAX_HEADER_BYTES = 16 * 1024  # the request line and headers, bounded by h11 whi
 MAX_CONNECTIONS = 200  # open connections plus requests in flight; past it uvicorn answers 503
 BACKLOG = 128  # connections the kernel queues before uvicorn accepts them
 
-# Job: how often a chunk is tried again after a transient database error before the run fails.
+# Job: a chunk that meets a transient database error (deadlock, lock wait timeout, lost
+# connection) is rolled back and tried again, at most this many times in a row; then the run fails.
 CHUNK_ATTEMPTS = 5
-RETRY_DELAY_S = 0.2  # doubled after each failed attempt, so the last wait is 1.6 s
+RETRY_DELAY_S = 0.2  # doubled after each failed attempt: 0.2, 0.4, 0.8, 1.6 s
+LOCK_WAIT_S = 5  # a chunk waits this long for a lock held by someone else, then is retried
 
 
 @dataclass(frozen=True)

@@ -128,11 +128,12 @@ def get_item(conn, item_id: int) -> dict | None:
     return None if row is None else _item(row)
 
 
-# Which rows each listing shows. The predicted/unpredicted filters walk idx_items_predicted.
+# Which rows each listing shows. The predicted/unpredicted filters walk idx_items_state
+# (quarantined rows, state 2, are in neither: only in "all").
 FILTERS = {
     "all": "",
-    "predicted": "FORCE INDEX (idx_items_predicted) WHERE predicted = 1 AND",
-    "unpredicted": "FORCE INDEX (idx_items_predicted) WHERE predicted = 0 AND",
+    "predicted": "FORCE INDEX (idx_items_state) WHERE state = 1 AND",
+    "unpredicted": "FORCE INDEX (idx_items_state) WHERE state = 0 AND",
 }
 
 

@@ -5,6 +5,8 @@ Per chunk, in one transaction on one connection:
   predict one onnxruntime call for the whole chunk
   write   one multi-row INSERT ... ON DUPLICATE KEY UPDATE
   commit  (any failure rolls the whole chunk back; its rows stay unpredicted for the next run)
+A deadlock, lock wait timeout or lost connection rolls the chunk back and tries it again (a few
+times); a row that cannot be scored is quarantined (marked, logged) instead of failing its chunk.
 Several threads do this at once, and several job processes can run side by side: a row is
 locked by exactly one of them until its prediction is committed, so it is predicted exactly once.
 """
@@ -23,19 +25,20 @@ import db
 import jsonlog
 import numpy as np
 import pymysql
-from config import Settings
+from config import CHUNK_ATTEMPTS, LOCK_WAIT_S, RETRY_DELAY_S, Settings
 from model import IrisModel
 
 log = logging.getLogger("job")
 
-# The index is forced: for "predicted = 0 AND id > ?" MariaDB was seen choosing a poor plan on
+N_FEATURES = 4
+# The index is forced: for "state = 0 AND id > ?" MariaDB was seen choosing a poor plan on
 # every chunk until it was. READ COMMITTED (set per connection below)
 # keeps the locking read from taking gap locks that would block the API's inserts.
 CLAIM = (
-    "SELECT id, `values` FROM items FORCE INDEX (idx_items_predicted)"
-    " WHERE predicted = 0 AND id > %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+    "SELECT id, `values` FROM items FORCE INDEX (idx_items_state)"
+    " WHERE state = 0 AND id > %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
-COUNT = "SELECT COUNT(*) FROM items FORCE INDEX (idx_items_predicted) WHERE predicted = 0"
+COUNT = "SELECT COUNT(*) FROM items FORCE INDEX (idx_items_state) WHERE state = 0"
 # Every id exists and is locked by us, so each row takes the UPDATE branch. `values` is listed
 # only because the INSERT branch needs the NOT NULL column; it is never written. (VALUES() in
 # the UPDATE clause is deprecated, not removed, in MySQL 8.0; MariaDB has no newer spelling.)
@@ -46,6 +49,24 @@ WRITE = (
 # Only integers from the database and floats from the model go in here, so no escaping is
 # needed; one template for the chunk is much faster than json.dumps and escaping per row.
 ROW = '(%d,\'[]\',\'{"0": %.6g, "1": %.6g, "2": %.6g}\')'
+QUARANTINE = "UPDATE items SET error = %s WHERE id = %s"
+
+# Errors after which the same chunk may well succeed: the transaction was chosen as a deadlock
+# victim or waited too long for a lock, or the connection was lost (killed, server restarted).
+TRANSIENT = {
+    1205: "lock wait timeout",
+    1213: "deadlock",
+    1927: "connection killed",  # MariaDB
+    2003: "cannot connect",
+    2006: "server has gone away",
+    2013: "lost connection",
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, pymysql.err.InterfaceError):  # the connection was already closed
+        return True
+    return isinstance(exc, pymysql.err.OperationalError) and exc.args[0] in TRANSIENT
 
 
 class Claims:
@@ -56,67 +77,148 @@ class Claims:
         self._after = 0
         self._lock = threading.Lock()
 
-    def claim(self, cur, size: int) -> list[tuple]:
+    def claim(self, cur, size: int) -> tuple[int, list[tuple]]:
+        """Lock the next chunk; returns the id it started after, and its (id, values) rows."""
         with self._lock:
-            cur.execute(CLAIM, (self._after, size))
+            after = self._after
+            cur.execute(CLAIM, (after, size))
             rows = cur.fetchall()
             if rows:
                 self._after = rows[-1][0]
-            return rows
+            return after, rows
+
+    def give_back(self, after: int) -> None:
+        """A chunk that started after `after` was rolled back: its rows are claimable again."""
+        with self._lock:
+            self._after = min(self._after, after)
 
 
-def predict_chunk(model: IrisModel, rows: list[tuple]) -> str:
-    """Claimed (id, values) rows -> the VALUES list of the write-back statement."""
-    ids = [r[0] for r in rows]
-    # All values parsed in one call, not one json.loads per row.
-    x = np.array(json.loads("[" + ",".join(r[1] for r in rows) + "]"), dtype=np.float32)
+def parse_row(values: str) -> list:
+    """One row's values, or NaNs when they are not a list of 4 numbers (then quarantined)."""
+    try:
+        parsed = json.loads(values)
+        row = np.array(parsed, dtype=np.float32)
+    except (ValueError, TypeError):
+        return [np.nan] * N_FEATURES
+    return parsed if row.shape == (N_FEATURES,) else [np.nan] * N_FEATURES
+
+
+def predict_chunk(model: IrisModel, rows: list[tuple]) -> tuple[str, list[tuple[str, int]]]:
+    """Claimed (id, values) rows -> the VALUES list of the write-back statement, and the
+    (reason, id) of each row that cannot be scored."""
+    ids = np.array([r[0] for r in rows])
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes inf: refused
+        try:  # all values parsed in one call, not one json.loads per row
+            x = np.array(json.loads("[" + ",".join(r[1] for r in rows) + "]"), dtype=np.float32)
+            if x.shape != (len(rows), N_FEATURES):
+                raise ValueError(x.shape)
+        except (ValueError, TypeError):  # some row is not 4 numbers: look at each one
+            x = np.array([parse_row(r[1]) for r in rows], dtype=np.float32)
+    good_input = np.isfinite(x).all(axis=1)  # the model scores NaN rows too: check first
     proba = model.predict_proba(x)
-    if not np.isfinite(proba).all():
-        raise ValueError("model returned a non-finite probability")
-    p0, p1, p2 = proba.T.tolist()
-    return ",".join(map(ROW.__mod__, zip(ids, p0, p1, p2, strict=True)))
+    good = good_input & np.isfinite(proba).all(axis=1)
+    bad = [("values are not 4 finite float32 numbers", int(i)) for i in ids[~good_input]]
+    bad += [
+        ("the model returned a non-finite probability", int(i)) for i in ids[~good & good_input]
+    ]
+    p0, p1, p2 = proba[good].T.tolist()
+    written = ",".join(map(ROW.__mod__, zip(ids[good].tolist(), p0, p1, p2, strict=True)))
+    return written, bad
 
 
-def worker(settings: Settings, model: IrisModel, claims: Claims, stop: threading.Event) -> int:
-    """Claim, predict, write and commit chunks until none is left; returns rows predicted."""
-    done = 0
+def open_connection(settings: Settings):
     conn = db.connect(settings)
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        # A chunk blocked by someone else's lock fails (1205) and is retried, instead of
+        # waiting InnoDB's default 50 s.
+        cur.execute("SET SESSION innodb_lock_wait_timeout = %s", (LOCK_WAIT_S,))
+    return conn
+
+
+def do_chunk(conn, model: IrisModel, claims: Claims, size: int) -> tuple[int, int]:
+    """Claim, predict, write and commit one chunk; returns its rows (0: nothing left) and how
+    many of them were quarantined."""
+    started = time.perf_counter()
+    after = None
     try:
         with conn.cursor() as cur:
-            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            while not stop.is_set():
-                started = time.perf_counter()
-                try:
-                    rows = claims.claim(cur, settings.chunk_size)
-                    if not rows:
-                        conn.rollback()
-                        return done
-                    cur.execute(WRITE.format(rows=predict_chunk(model, rows)))
-                    conn.commit()
-                except BaseException:
+            after, rows = claims.claim(cur, size)
+            if not rows:
+                conn.rollback()
+                return 0, 0
+            written, bad = predict_chunk(model, rows)
+            if written:
+                cur.execute(WRITE.format(rows=written))
+            if bad:
+                cur.executemany(QUARANTINE, bad)
+        conn.commit()
+    except BaseException:
+        # Undo the whole chunk. If the connection itself is gone, the server has already
+        # rolled it back and released the row locks.
+        with contextlib.suppress(pymysql.err.Error):
+            conn.rollback()
+        if after is not None:
+            claims.give_back(after)
+        raise
+    for reason, item_id in bad:  # marked in the table: never claimed again
+        log.warning("row quarantined", extra={"id": item_id, "reason": reason})
+    log.info(
+        "chunk",
+        extra={
+            "rows": len(rows),
+            "first_id": rows[0][0],
+            "last_id": rows[-1][0],
+            "quarantined": len(bad),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
+    return len(rows), len(bad)
+
+
+def worker(
+    settings: Settings, model: IrisModel, claims: Claims, stop: threading.Event
+) -> tuple[int, int]:
+    """Do chunks until none is left; returns rows done and rows quarantined. A transient
+    database error rolls the chunk back and tries again (at most CHUNK_ATTEMPTS times in a row,
+    with a growing delay); any other error, or the last attempt's, stops every thread and fails
+    the run."""
+    done, quarantined, failures, conn = 0, 0, 0, None
+    try:
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = open_connection(settings)
+                rows, bad = do_chunk(conn, model, claims, settings.chunk_size)
+            except Exception as exc:
+                failures += 1
+                if not is_transient(exc) or failures >= CHUNK_ATTEMPTS:
                     stop.set()  # the other threads finish their chunk and stop
-                    # Undo the whole chunk. If the connection itself is gone, the server has
-                    # already rolled it back and released the row locks.
-                    with contextlib.suppress(pymysql.err.Error):
-                        conn.rollback()
                     raise
-                done += len(rows)
-                log.info(
-                    "chunk",
-                    extra={
-                        "rows": len(rows),
-                        "first_id": rows[0][0],
-                        "last_id": rows[-1][0],
-                        "seconds": round(time.perf_counter() - started, 3),
-                    },
+                delay = RETRY_DELAY_S * 2 ** (failures - 1)
+                log.warning(
+                    "chunk failed; retrying",
+                    extra={"error": repr(exc), "attempt": failures, "delay_s": delay},
                 )
+                if conn is not None:
+                    with contextlib.suppress(pymysql.err.Error):
+                        conn.close()  # a fresh connection for the retry: this one may be dead
+                conn = None
+                time.sleep(delay)
+                continue
+            if not rows:
+                break
+            done, quarantined, failures = done + rows, quarantined + bad, 0
     finally:
-        conn.close()
-    return done
+        if conn is not None:
+            with contextlib.suppress(pymysql.err.Error):
+                conn.close()
+    return done, quarantined
 
 
 def run(settings: Settings, model: IrisModel) -> int:
-    """One pass over every unpredicted row; returns the number of rows predicted."""
+    """One pass over every waiting row; returns the number of rows done (predicted or
+    quarantined)."""
     started = time.perf_counter()
     log.info("batch start", extra={"threads": settings.threads, "chunk_size": settings.chunk_size})
     conn = db.connect(settings)
@@ -131,12 +233,14 @@ def run(settings: Settings, model: IrisModel) -> int:
         futures = [
             pool.submit(worker, settings, model, claims, stop) for _ in range(settings.threads)
         ]
-    rows = sum(f.result() for f in futures)  # re-raises the first failure, if any
+    results = [f.result() for f in futures]  # re-raises the first failure, if any
+    rows, quarantined = sum(r[0] for r in results), sum(r[1] for r in results)
     seconds = time.perf_counter() - started
     log.info(
         "batch end",
         extra={
             "rows": rows,
+            "quarantined": quarantined,
             "seconds": round(seconds, 3),
             "rows_per_s": round(rows / seconds) if seconds else 0,
         },

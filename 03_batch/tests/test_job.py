@@ -9,7 +9,7 @@ import time
 import db
 import numpy as np
 import onnxruntime as ort
-from config import MODELS_DIR
+from config import CHUNK_ATTEMPTS, MODELS_DIR
 from conftest import (
     env_for,
     free_port,
@@ -171,3 +171,133 @@ def test_database_stopped_health_503_and_job_fails(private_mysql, processes):
     done = run_job(settings)
     assert done.returncode == 1
     assert messages(done.stdout)[-1]["message"] == "batch failed"
+
+
+# Transient database errors and rows that cannot be scored.
+
+
+def test_unscorable_rows_are_quarantined_and_never_retried(api, settings):
+    good = insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * 10)
+    # Rows another writer put there, bypassing the API's checks (the column only demands JSON).
+    bad_values = ["[1, 2, 3]", '"abc"', '{"a": 1}', "[1, 2, 3, 1e39]", "[1, 2, 3, null]",
+                  '[1, 2, "x", 4]', "[[1, 2, 3, 4]]"]  # fmt: skip
+    bad = []
+    for v in bad_values:
+        query(settings, "INSERT INTO items (`values`) VALUES (%s)", (v,))
+        bad.append(query(settings, "SELECT MAX(id) FROM items")[0][0])
+    good += insert_rows(settings, [[6.3, 3.3, 6.0, 2.5]] * 10)
+
+    done = run_job(settings, CHUNK_SIZE=4)  # bad rows share chunks with good ones
+    assert done.returncode == 0, done.stdout + done.stderr
+    logs = messages(done.stdout)
+    assert sorted(m["id"] for m in logs if m["message"] == "row quarantined") == bad
+    assert logs[-1]["message"] == "batch end" and logs[-1]["quarantined"] == len(bad)
+    assert sorted(predictions(settings)) == good  # every good row, whatever chunk it was in
+    marked = query(settings, "SELECT id, error, state FROM items WHERE error IS NOT NULL")
+    assert [(i, s) for i, _, s in marked] == [(i, 2) for i in bad]
+    assert all("4 finite float32 numbers" in e for _, e, _ in marked)
+
+    again = run_job(settings)  # quarantined rows are not tried again
+    assert messages(again.stdout)[1]["rows"] == 0 and messages(again.stdout)[-1]["rows"] == 0
+    assert http("GET", api + "/data/unpredicted")[1] == []
+    assert len(http("GET", api + "/data/all")[1]) == len(good) + len(bad)
+
+
+def hold_gap_lock(settings):
+    """A second connection whose locking read (REPEATABLE READ) holds the gap every predicted
+    row's index entry goes into: the job's write-back waits for it, as behind any long
+    transaction of another client."""
+    conn = db.connect(settings)
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cur.execute("BEGIN")
+        cur.execute("SELECT id FROM items FORCE INDEX (idx_items_state) WHERE state = 1 FOR UPDATE")
+    return conn
+
+
+def waiting_job_connection(settings, killed=()) -> int:
+    """The connection id of the job's transaction waiting for a lock, once there is one (not
+    one of those already killed, which may linger for a moment)."""
+    sql = (
+        "SELECT t.trx_mysql_thread_id FROM information_schema.INNODB_TRX t"
+        " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
+        " WHERE p.DB = %s AND t.trx_state = 'LOCK WAIT'"
+    )
+
+    def waiting():
+        ids = [r[0] for r in query(settings, sql, (settings.mysql_database,))]
+        return [i for i in ids if i not in killed]
+
+    return wait_for(waiting, what="the job to wait for a lock")[0]
+
+
+def retries(job) -> list[dict]:
+    return [m for m in log_lines(job) if m["message"] == "chunk failed; retrying"]
+
+
+def finished_exactly_once(job, settings, n: int) -> None:
+    assert job.wait(timeout=120) == 0, read_log(job)
+    assert [m for m in log_lines(job) if m["message"] == "batch end"][0]["rows"] == n
+    assert len(predictions(settings)) == n
+
+
+def test_lock_wait_timeout_is_retried(settings, processes):
+    n = 30
+    insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * n)
+    holder = hold_gap_lock(settings)
+    job = processes.start(["job.py", "--once"], env_for(settings, CHUNK_SIZE=10), "job")
+    wait_for(lambda: retries(job), timeout=60, what="a retry after the lock wait timeout")
+    holder.rollback()
+    holder.close()
+    finished_exactly_once(job, settings, n)
+    assert "1205" in retries(job)[0]["error"]
+
+
+def test_deadlock_victim_chunk_is_retried(settings, processes):
+    n = 30
+    ids = insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * n)
+    query(settings, "CREATE TABLE ballast (n INT)")
+    holder = hold_gap_lock(settings)
+    with holder.cursor() as cur:
+        # Weight: InnoDB rolls back the transaction that changed less, which must be the job.
+        cur.executemany("INSERT INTO ballast VALUES (%s)", [(i,) for i in range(5000)])
+    env = env_for(settings, CHUNK_SIZE=10, THREADS=1)
+    job = processes.start(["job.py", "--once"], env, "job")
+    waiting_job_connection(settings)  # the job holds rows 1-10 and waits for our gap
+    with holder.cursor() as cur:
+        cur.execute("SELECT id FROM items WHERE id = %s FOR UPDATE", (ids[0],))  # a cycle
+    holder.rollback()
+    holder.close()
+    finished_exactly_once(job, settings, n)
+    assert "1213" in retries(job)[0]["error"]
+
+
+def test_killed_connection_is_retried(settings, processes):
+    n = 30
+    insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * n)
+    holder = hold_gap_lock(settings)
+    job = processes.start(["job.py", "--once"], env_for(settings, CHUNK_SIZE=10), "job")
+    query(settings, "KILL %s", (waiting_job_connection(settings),))
+    holder.rollback()
+    holder.close()
+    finished_exactly_once(job, settings, n)
+    assert any(code in retries(job)[0]["error"] for code in ("2013", "1927", "2006"))
+
+
+def test_retries_are_bounded(settings, processes):
+    insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * 10)
+    holder = hold_gap_lock(settings)
+    env = env_for(settings, CHUNK_SIZE=10, THREADS=1)
+    job = processes.start(["job.py", "--once"], env, "job")
+    try:
+        killed = []
+        for _ in range(CHUNK_ATTEMPTS):  # every attempt is killed
+            killed.append(waiting_job_connection(settings, killed))
+            query(settings, "KILL %s", (killed[-1],))
+        assert job.wait(timeout=60) == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    assert len(retries(job)) == CHUNK_ATTEMPTS - 1
+    assert log_lines(job)[-1]["message"] == "batch failed"
+    assert predictions(settings) == {}
