@@ -16,14 +16,15 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-# Slow or hostile clients. uvicorn closes a connection idle after a response (timeout_keep_alive)
-# and answers 503 past limit_concurrency; the two bounds below are the ones it lacks with httptools.
-KEEP_ALIVE_S = 30  # idle time after a response; longer than the proxy's 4 s (see proxy.py)
-REQUEST_READ_TIMEOUT_S = 10  # from a connection's or a request's first byte to its last
-MAX_HEADER_BYTES = 16 * 1024  # request line and headers; h11's default bound, as a reference
-# Open connections plus requests in progress; past it uvicorn answers 503 at once. The proxy
-# opens up to 100 connections to each service (proxy.py), so 256 leaves room for direct callers.
+# Slow or greedy clients (the README's "Limits" table says why these numbers).
+# uvicorn's own: an idle kept-alive connection is closed after KEEP_ALIVE_S, and past
+# LIMIT_CONCURRENCY open connections plus requests in progress it answers 503 at once.
+KEEP_ALIVE_S = 30  # longer than the proxy's 4 s idle time (see proxy.py)
+# The proxy opens up to 100 connections to each service, so 256 leaves room for direct callers.
 DEFAULT_LIMIT_CONCURRENCY = 256
+# What uvicorn lacks with httptools (BoundedHttpToolsProtocol below):
+REQUEST_READ_TIMEOUT_S = 10  # from a connection's or a request's first byte to its body's last
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers; h11's default bound
 
 OPEN_PATHS = ("/health", "/openapi.json")  # answered without the API key
 
@@ -89,7 +90,7 @@ def log_config(level: str) -> dict:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus what h11 would bound and httptools does not.
+    """uvicorn's httptools protocol, plus two bounds it lacks: request time and header size.
 
     uvicorn arms its idle timer only after a response and stores headers without a size limit,
     so a client that connects and sends nothing, drips its headers or body, or sends megabytes
