@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -221,3 +222,14 @@ def test_api_key_when_set(start, db):
     status, answer = http("POST", f"{base}/predict", body, headers=good)
     assert status == 200
     assert http("GET", f"{base}/job/{answer['job_id']}", headers=good)[0] == 200
+
+
+def test_huge_headers_are_refused(start):
+    # httptools, uvicorn's default parser, would take headers of any size: h11 is bounded.
+    _, base = start_proxy(start)
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000)
+        answer = connection.recv(200)
+    assert answer.startswith(b"HTTP/1.1 4"), answer
