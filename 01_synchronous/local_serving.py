@@ -30,6 +30,7 @@ from batching import BatchingParameters, Scheduler
 from grpc_api import create_server
 from rest_api import create_app
 from servable import Servable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("local_serving")
 
@@ -40,6 +41,44 @@ log = logging.getLogger("local_serving")
 KEEP_ALIVE_SECONDS = 5
 MAX_CONNECTIONS = 200
 BACKLOG = 256  # connections the kernel queues before accept(); uvicorn's default is 2048
+# A request's line and headers must arrive within this many seconds of the connection opening
+# (or of the request's first byte). uvicorn has no such timeout of its own, so a client sending
+# one header byte every few seconds would hold its connection forever.
+HEADER_TIMEOUT_SECONDS = 10
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing a connection whose headers take too long."""
+
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        if self._header_deadline is None:
+            self._header_deadline = self.loop.call_later(
+                HEADER_TIMEOUT_SECONDS,
+                self.timeout_keep_alive_handler,  # closes the transport
+            )
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 class JsonFormatter(logging.Formatter):
@@ -152,7 +191,8 @@ async def serve(flags: argparse.Namespace) -> None:
             host=flags.host,
             port=flags.rest_api_port,
             log_config=LOG_CONFIG,
-            http="httptools",  # the compiled parser: h11 (pure Python) halves the throughput
+            # The compiled parser (httptools): h11, pure Python, halves the throughput.
+            http=HeaderTimeoutProtocol,
             access_log=False,
             lifespan="off",
             timeout_keep_alive=KEEP_ALIVE_SECONDS,

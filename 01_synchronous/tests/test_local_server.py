@@ -67,6 +67,33 @@ def test_connections_past_the_limit_get_503(two_versions):
             time.sleep(0.2)
 
 
+HEADER_TIMEOUT_SECONDS = 10  # local_serving.HEADER_TIMEOUT_SECONDS
+
+
+def test_a_client_dribbling_its_headers_is_cut_off(two_versions):
+    # One header byte a second: each byte is activity, but the headers never complete.
+    _, client = two_versions
+    port = int(client.base.split(":")[2].split("/")[0])
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /v1/models/iris HTTP/1.1\r\nX-Slow: ")
+        closed = False
+        while time.monotonic() - started < HEADER_TIMEOUT_SECONDS + 20:
+            try:
+                sock.sendall(b"a")
+                sock.settimeout(1)
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except OSError:  # reset or broken pipe: closed by the server
+                closed = True
+                break
+    assert closed, "the server kept a connection whose headers never completed"
+    assert time.monotonic() - started >= HEADER_TIMEOUT_SECONDS - 1
+
+
 def test_logs_are_json_lines_and_sigterm_stops_cleanly(two_versions):
     process, _ = two_versions
     stop(process)
