@@ -18,6 +18,7 @@ class Settings:
     host: str
     port: int
     max_concurrency: int
+    body_timeout: float
     api_key: str | None = field(repr=False)
     # A password comes in REDIS_URL or, better, in REDIS_PASSWORD; neither is ever shown (repr).
     redis_url: str = field(repr=False)
@@ -46,6 +47,7 @@ class Settings:
             host=env("HOST", "127.0.0.1"),  # 0.0.0.0 only in a container (compose.yaml)
             port=int(env("PORT", "8000")),
             max_concurrency=int(env("MAX_CONCURRENCY", "32")),
+            body_timeout=float(env("BODY_TIMEOUT", "60")),
             api_key=env("API_KEY") or None,
             redis_url=env("REDIS_URL", "redis://127.0.0.1:6379/5"),
             redis_password=env("REDIS_PASSWORD") or None,

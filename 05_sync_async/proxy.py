@@ -85,6 +85,7 @@ SCHEMA = SchemaGenerator(
             "responses": {
                 "BadRequest": _error_response("not a JSON {image_data} holding an image we accept"),
                 "Unauthorized": _error_response("API_KEY is set and the request lacks it"),
+                "SlowBody": _error_response("the body did not arrive within BODY_TIMEOUT"),
                 "NotFound": _error_response("unknown or expired job id"),
                 "QueueFull": _error_response("MAX_QUEUE_LENGTH jobs wait already; see Retry-After"),
                 "RedisDown": _error_response("Redis unavailable or too slow (REDIS_TIMEOUT)"),
@@ -96,6 +97,10 @@ SCHEMA = SchemaGenerator(
 
 class BadRequest(Exception):
     """The request is refused with 400 and this message; nothing has been stored."""
+
+
+class SlowBody(Exception):
+    """The body did not arrive within BODY_TIMEOUT: 408, nothing stored."""
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -151,10 +156,16 @@ async def read_image_data(request: Request, max_image_bytes: int) -> bytes:
     """The decoded `image_data` field; the body is read only up to what a valid one needs."""
     limit = 4 * (max_image_bytes // 3 + 1) + 1024  # base64 of the largest image, plus the JSON
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(f"image over the {max_image_bytes} byte limit")
+    # uvicorn has no read timeout: without this deadline a client sending a byte a minute would
+    # hold its connection forever.
+    try:
+        async with asyncio.timeout(request.app.state.settings.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise BadRequest(f"image over the {max_image_bytes} byte limit")
+    except TimeoutError as exc:
+        raise SlowBody from exc
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
@@ -223,6 +234,7 @@ async def predict(request: Request) -> JSONResponse:
             schema: {$ref: "#/components/schemas/Prediction"}
       "400": {$ref: "#/components/responses/BadRequest"}
       "401": {$ref: "#/components/responses/Unauthorized"}
+      "408": {$ref: "#/components/responses/SlowBody"}
       "429": {$ref: "#/components/responses/QueueFull"}
       "503": {$ref: "#/components/responses/RedisDown"}
     """
@@ -230,6 +242,9 @@ async def predict(request: Request) -> JSONResponse:
         image = await read_image_data(request, request.app.state.settings.max_image_bytes)
     except BadRequest as exc:
         return error(400, str(exc))
+    except SlowBody:
+        timeout = request.app.state.settings.body_timeout
+        return error(408, f"the body did not arrive within {timeout:g} s")
     return await predict_bytes(request, image)
 
 

@@ -233,3 +233,16 @@ def test_huge_headers_are_refused(start):
             connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000)
         answer = connection.recv(200)
     assert answer.startswith(b"HTTP/1.1 4"), answer
+
+
+def test_a_body_sent_too_slowly_is_408(start, db):
+    _, base = start_proxy(start, BODY_TIMEOUT=1)
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"image_data": "'
+        )  # ... and the rest never comes
+        answer = connection.recv(200)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert db.dbsize() == 0
