@@ -7,9 +7,10 @@ if [ "${1#-}" != "$1" ] || [ "${1%.conf}" != "$1" ]; then
 fi
 if [ "$1" = redis-server ]; then
   # The official image compiles protected mode off (it is reached over the container network);
-  # given first, a --protected-mode in the user's arguments still wins. A config file stays first.
+  # given first, a --protected-mode in the user's arguments still wins. A config file (or "-",
+  # configuration on stdin) stays the first argument, where redis-server looks for it.
   shift
-  if [ "${1%.conf}" != "${1:-}" ]; then
+  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then
     conf=$1
     shift
     set -- redis-server "$conf" --protected-mode no "$@"
