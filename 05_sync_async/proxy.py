@@ -7,7 +7,6 @@ GET  /predict/test | /health | /metadata | /openapi.json (generated from the doc
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hmac
 import json
@@ -174,7 +173,7 @@ async def read_image_data(request: Request, max_image_bytes: int) -> bytes:
         raise BadRequest('expected {"image_data": "<base64 image>"}')
     try:
         image = base64.b64decode(payload["image_data"], validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or non-ASCII characters
         raise BadRequest(f"image_data is not valid base64: {exc}") from exc
     if len(image) > max_image_bytes:
         raise BadRequest(f"image over the {max_image_bytes} byte limit")

@@ -76,6 +76,7 @@ BAD_REQUESTS = {
     "missing field": {"image": SAMPLE_B64},
     "not a string": {"image_data": 12},
     "bad base64": {"image_data": "not base64!"},
+    "non-ASCII base64": {"image_data": "5²×Ë7TlN"},
     "not an image": {"image_data": base64.b64encode(b"hello, world").decode()},
     "truncated image": {"image_data": SAMPLE_B64[: len(SAMPLE_B64) // 2]},
     "too many bytes": {"image_data": base64.b64encode(os.urandom(1_000_001)).decode()},
