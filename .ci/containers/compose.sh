@@ -15,7 +15,7 @@ trap 'rm -f "$override"' EXIT
 "${compose[@]}" -f "$file" --profile '*' config --format json | python3 -c '
 import json, sys
 services = json.load(sys.stdin)["services"]
-print("services:")
+print("services: {}" if not any(s.get("ports") for s in services.values()) else "services:")
 for name, svc in services.items():
     if not svc.get("ports"):
         continue
