@@ -74,6 +74,10 @@ def run_jobs(settings: Settings, processes: int, logdir: Path) -> tuple[float, l
             cpu += usage.ru_utime + usage.ru_stime
     finally:
         watchdog.cancel()
+        for p in procs:  # Ctrl-C or an error: no job outlives the bench (nor its database)
+            if p.returncode is None:
+                p.kill()
+                p.wait()
     seconds = time.perf_counter() - started
     if any(codes):
         raise RuntimeError(f"a job exited with {codes}; logs in {logdir}")

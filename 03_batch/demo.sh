@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 PY=../.venv/bin/python
 export MYSQL_HOST=${MYSQL_HOST:-127.0.0.1} MYSQL_PORT=${MYSQL_PORT:-3306}
 export MYSQL_USER=${MYSQL_USER:-root} MYSQL_PASSWORD=${MYSQL_PASSWORD:-}
-export MYSQL_DATABASE=batch_demo PORT=${PORT:-8000}
+export MYSQL_DATABASE=${DEMO_DATABASE:-batch_demo} PORT=${PORT:-8000}
 URL="http://127.0.0.1:$PORT"
 
 drop_db() {
@@ -20,16 +20,17 @@ if $PY -c "import socket,sys; sys.exit(socket.socket().connect_ex(('127.0.0.1', 
 fi
 
 LOGS=$(mktemp -d)
-API_PID=
+API_PID= JOBS=()  # background processes: stopped and waited for on any exit, Ctrl-C included
 cleanup() {
-  if [ -n "$API_PID" ]; then
-    kill "$API_PID" 2>/dev/null || true
-    wait "$API_PID" 2>/dev/null || true  # uvicorn exits with 143 after a clean SIGTERM shutdown
-  fi
+  # A script's background processes ignore Ctrl-C's SIGINT: they are stopped here.
+  for pid in $API_PID "${JOBS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in $API_PID "${JOBS[@]}"; do wait "$pid" 2>/dev/null || true; done  # uvicorn: 143
   drop_db || true
   rm -rf "$LOGS"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 drop_db
 
 print_request() {  # the request as a reader would type it (the README shows these lines)
@@ -78,9 +79,9 @@ $PY -c 'import json; print(json.dumps({"items": [{"values": [5.9, 3.0, 5.1, 1.8]
   >"$LOGS/rows.json"
 for _ in 1 2 3; do curl -sS --fail -o /dev/null -X POST "$URL/data/list" -d @"$LOGS/rows.json"; done
 echo "\$ for i in 1 2 3; do CHUNK_SIZE=1000 python job.py --once & done; wait"
-JOBS=()
 for i in 1 2 3; do CHUNK_SIZE=1000 $PY job.py --once >"$LOGS/job$i.log" & JOBS+=($!); done
 for pid in "${JOBS[@]}"; do wait "$pid"; done
+JOBS=()  # all exited: never signal their (reusable) pids
 total=0
 for i in 1 2 3; do
   end=$(grep '"batch end"' "$LOGS/job$i.log")
