@@ -33,9 +33,9 @@ STATUS_PATH = re.compile(
 )
 _FLOAT32 = struct.Struct("f")  # rounds a Python float to float32, to test a round-trip
 # A request body, as sent and after gzip decoding, is refused past this while it streams in.
-# Sized for MAX_ROWS: a million rows as clients print them (~30 bytes each) fit; json.loads of
-# 32 MiB builds at most a few hundred MB of Python objects. TensorFlow Serving itself caps only
-# gzip bodies (ZLib::kMaxUncompressedBytes, 100 MiB).
+# Room for 500,000 rows at float32's full precision (66 bytes a row), 1.5 million as short
+# decimals; json.loads turns 29 MiB of such rows into ~320 MB of Python objects, which is why
+# the cap is not higher. TensorFlow Serving caps only gzip bodies (kMaxUncompressedBytes, 100 MiB).
 MAX_BODY_BYTES = 32 * 1024 * 1024
 INT64_MAX = 2**63 - 1
 HTTP_STATUS = {

@@ -245,3 +245,8 @@ def test_unknown_version_label_is_400(server):
     status, answer = raw_post(server, "/v1/models/iris/labels/canary:predict", ROW_BODY)
     assert status == 400
     assert answer["error"] == "Unrecognized servable version label: canary"
+
+
+def test_body_that_is_not_gzip_is_400(server):
+    status, answer = raw_request(server, "POST", PREDICT, ROW_BODY, {"Content-Encoding": "gzip"})
+    assert status == 400 and list(answer) == ["error"]
