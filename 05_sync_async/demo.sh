@@ -69,6 +69,7 @@ grep -q '"prediction":"Egyptian cat"' "$work/body" || failed "the accurate answe
 
 call 200 "$URL/predict/test"
 call 400 -X POST "$URL/predict" -H 'Content-Type: application/json' -d '{"image_data": "not base64!"}'
+call 400 -X POST "$URL/predict" -H 'Content-Type: application/json' -d '{"image_data": "R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"}'
 call 400 -X POST "$URL/predict" -H 'Content-Type: application/json' -d '{"image": "..."}'
 call 404 "$URL/job/000000"
 echo "demo: every answer as expected"

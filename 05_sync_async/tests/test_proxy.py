@@ -126,7 +126,8 @@ def test_redis_down_is_503_not_500(start):
     # A closed port: the fast model still loads, the queue is unreachable.
     _, base = start_proxy(start, REDIS_URL=f"redis://127.0.0.1:{free_port()}/5")
     status, body = predict(base, {"image_data": SAMPLE_B64})
-    assert (status, set(body)) == (503, {"error"})
+    # A stable message: Redis's own error text (addresses, ports) stays in the proxy's log.
+    assert (status, body) == (503, {"error": "job queue unavailable, try again later"})
     assert http("GET", f"{base}/health")[0] == 503
 
 
