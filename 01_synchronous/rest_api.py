@@ -209,8 +209,10 @@ async def handle(request: Request) -> Response:
             name, version, label, sub = m.groups()
             if not name:
                 raise invalid("Missing model name in request.")
+            if label and sub:  # metadata looks the label up, as gRPC's GetModelMetadata does
+                raise invalid(f"Unrecognized servable version label: {label}")
             if label:
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "version labels are not served")
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED, "status by label is not served")
             version = version_number(version)
             if sub:
                 return pretty(servable.metadata(name, version))

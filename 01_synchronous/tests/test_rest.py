@@ -245,6 +245,9 @@ def test_unknown_version_label_is_400(server):
     status, answer = raw_post(server, "/v1/models/iris/labels/canary:predict", ROW_BODY)
     assert status == 400
     assert answer["error"] == "Unrecognized servable version label: canary"
+    status, answer = raw_request(server, "GET", "/v1/models/iris/labels/canary/metadata")
+    assert status == 400
+    assert answer["error"] == "Unrecognized servable version label: canary"
 
 
 def test_body_that_is_not_gzip_is_400(server):
