@@ -1,6 +1,7 @@
 # Top-level commands. Each chapter also has its own Makefile with run, demo, test and bench.
 #   make demo    set up .venv if missing, then run every chapter's walkthrough end to end
 #   make test    set up .venv if missing, then run the models' tests and every chapter's tests
+#   make containers  every chapter's compose stack up for real, checked, and down (needs root)
 #   make setup | lint | bench | models
 
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 REQUIREMENTS := requirements-dev.txt $(wildcard 0*/requirements.txt)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models lint test demo bench clean
+.PHONY: setup models lint test demo bench containers clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,12 @@ demo: setup models
 
 bench: setup models
 	@$(MAKE) --no-print-directory each TARGET=bench
+
+# Every chapter's compose stack for real, in one private Docker Engine (root; see .ci/containers):
+# stand-in images where the official ones cannot be pulled, up, walkthrough, fault checks, down.
+containers: setup models
+	bash .ci/containers/install.sh
+	.ci/containers/engine.sh $(MAKE) --no-print-directory each TARGET=containers
 
 # Runs TARGET in every chapter, lists chapters that are not built yet, fails if any chapter failed.
 .PHONY: each
