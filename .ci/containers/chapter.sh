@@ -8,7 +8,8 @@
 #   4. `down -v --remove-orphans`, always, also when a step failed.
 # Ports are published on 127.0.0.1 with host ports the engine picks (EPHEMERAL_PORTS=1), so this
 # never clashes with a local Redis or server; the checks find them with `$COMPOSE port SERVICE N`.
-# The checks get COMPOSE (a command prefix for this stack: `$COMPOSE ps`, `$COMPOSE exec ...`).
+# The checks get COMPOSE (a command prefix for this stack: `$COMPOSE ps`, `$COMPOSE exec ...`)
+# and the stack's passwords (REDIS_PASSWORD, MYSQL_PASSWORD, MYSQL_ROOT_PASSWORD) in the environment.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -21,6 +22,10 @@ say() { printf '\n=== %s: %s (%ss)\n' "$name" "$*" "$SECONDS"; }
 say "images"
 "$here/images.sh"
 
+# The compose files take their passwords from the environment (a user's .env): fresh ones per run.
+for v in REDIS_PASSWORD MYSQL_PASSWORD MYSQL_ROOT_PASSWORD; do
+  [ -n "${!v:-}" ] || export "$v=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')"
+done
 export EPHEMERAL_PORTS=1 COMPOSE_PROJECT_NAME="mlsp-${name//_/-}"
 export COMPOSE="$here/compose.sh -f $chapter/compose.yaml"
 compose() { $COMPOSE "$@"; }
