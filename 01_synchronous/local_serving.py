@@ -45,15 +45,30 @@ BACKLOG = 256  # connections the kernel queues before accept(); uvicorn's defaul
 # (or of the request's first byte). uvicorn has no such timeout of its own, so a client sending
 # one header byte every few seconds would hold its connection forever.
 HEADER_TIMEOUT_SECONDS = 10
+# Bytes received before a request's headers are complete. httptools keeps every header byte
+# (uvicorn's h11_max_incomplete_event_size bounds only the h11 parser). Above asyncio's 256 KiB
+# read, so a first read holding headers and the start of a body is never mistaken for it.
+MAX_HEADER_BYTES = 1024 * 1024
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, closing a connection whose headers take too long."""
+class BoundedHeadersProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing a connection whose headers take too long or too
+    many bytes (the headers' phase is when the deadline is armed)."""
 
     _header_deadline: asyncio.TimerHandle | None = None
+    _header_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_deadline is not None:
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self.transport.close()
+                return
+        super().data_received(data)
 
     def _arm(self) -> None:
         if self._header_deadline is None:
+            self._header_bytes = 0
             self._header_deadline = self.loop.call_later(
                 HEADER_TIMEOUT_SECONDS,
                 self.timeout_keep_alive_handler,  # closes the transport
@@ -192,7 +207,7 @@ async def serve(flags: argparse.Namespace) -> None:
             port=flags.rest_api_port,
             log_config=LOG_CONFIG,
             # The compiled parser (httptools): h11, pure Python, halves the throughput.
-            http=HeaderTimeoutProtocol,
+            http=BoundedHeadersProtocol,
             access_log=False,
             lifespan="off",
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
