@@ -1,32 +1,39 @@
 #!/usr/bin/env bash
 # The README's walkthrough: starts the worker and the proxy as `make run` does, makes each request
 # with curl, prints it and its answer, stops both. Exits non-zero if any answer is not as expected.
+# With PROXY_URL set (e.g. http://127.0.0.1:8000, a compose stack's proxy) it starts nothing and
+# makes the same requests there.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=../.venv/bin/python
-export PORT=${PORT:-8000} REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/5}
-export NUM_WORKERS=${NUM_WORKERS:-2} QUEUE_NAME=${QUEUE_NAME:-queue:jobs}
-URL=http://localhost:$PORT
-
-if (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null; then
-  echo "demo: port $PORT is busy (another demo or 'make run'?); stop it or set PORT" >&2
-  exit 1
-fi
 work=$(mktemp -d)
-$PYTHON worker.py >"$work/worker.log" 2>&1 &
-worker=$!
-$PYTHON proxy.py >"$work/proxy.log" 2>&1 &
-proxy=$!
-stop() {
-  kill "$proxy" "$worker" 2>/dev/null || true
-  wait "$proxy" "$worker" 2>/dev/null || true
-  rm -rf "$work"
-}
-failed() {
-  echo "demo FAILED: $*" >&2
-  echo "--- proxy log"; tail -n 20 "$work/proxy.log"; echo "--- worker log"; tail -n 20 "$work/worker.log"
-  exit 1
-}
+if [ -n "${PROXY_URL:-}" ]; then
+  URL=${PROXY_URL%/}
+  stop() { rm -rf "$work"; }
+  failed() { echo "demo FAILED: $*" >&2; echo "(the servers' logs: docker compose logs)" >&2; exit 1; }
+else
+  export PORT=${PORT:-8000} REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/5}
+  export NUM_WORKERS=${NUM_WORKERS:-2} QUEUE_NAME=${QUEUE_NAME:-queue:jobs}
+  URL=http://localhost:$PORT
+  if (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null; then
+    echo "demo: port $PORT is busy (another demo or 'make run'?); stop it or set PORT" >&2
+    exit 1
+  fi
+  $PYTHON worker.py >"$work/worker.log" 2>&1 &
+  worker=$!
+  $PYTHON proxy.py >"$work/proxy.log" 2>&1 &
+  proxy=$!
+  stop() {
+    kill "$proxy" "$worker" 2>/dev/null || true
+    wait "$proxy" "$worker" 2>/dev/null || true
+    rm -rf "$work"
+  }
+  failed() {
+    echo "demo FAILED: $*" >&2
+    echo "--- proxy log"; tail -n 20 "$work/proxy.log"; echo "--- worker log"; tail -n 20 "$work/worker.log"
+    exit 1
+  }
+fi
 trap stop EXIT
 
 for _ in $(seq 120); do curl -sf "$URL/health" >/dev/null && break; sleep 0.5; done
