@@ -11,6 +11,8 @@ import asyncio
 import json
 import logging
 import os
+import time
+import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -48,6 +50,9 @@ def parse_services(text: str) -> dict[str, str]:
 class Settings:
     services: dict[str, str]
     timeout_s: float  # for each service call on its own: one slow service delays nobody else
+    # A connection to a service is used for at most this long, then closed and made anew, so new
+    # connections (spread over every replica the service's name resolves to) replace old ones.
+    connection_lifetime_s: float
     server: ServerSettings
 
     @classmethod
@@ -55,6 +60,7 @@ class Settings:
         return cls(
             services=parse_services(os.environ.get("SERVICES", DEFAULT_SERVICES)),
             timeout_s=float(os.environ.get("SERVICE_TIMEOUT_S", "1.0")),
+            connection_lifetime_s=float(os.environ.get("CONNECTION_LIFETIME_S", "5")),
             server=ServerSettings.from_env(default_port=9000),
         )
 
@@ -108,6 +114,8 @@ class FanOut:
     def __init__(self, settings: Settings):
         self.services = settings.services
         self.timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
+        self.lifetime_s = settings.connection_lifetime_s
+        self.first_used: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> t
         # The proxy's own API_KEY, if set, is what it shows every service (never the caller's).
         api_key = settings.server.api_key
         self.session = aiohttp.ClientSession(
@@ -117,6 +125,10 @@ class FanOut:
                 # Shorter than the services' own idle timeout (30 s), so an idle connection is
                 # always dropped by us first and never reused just as the server closes it.
                 keepalive_timeout=4,
+                # Each new connection goes to the next address the name resolved to (aiohttp
+                # takes them in turn); the answer is kept this long, so a replica added or
+                # removed is seen within it.
+                ttl_dns_cache=settings.connection_lifetime_s,
             ),
             timeout=self.timeout,
             headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
@@ -126,6 +138,17 @@ class FanOut:
 
     async def close(self) -> None:
         await self.session.close()
+
+    def retire_if_old(self, response: aiohttp.ClientResponse) -> None:
+        """Have the connection closed, not pooled, once this answer is read if it is older than
+        the lifetime. Without this, a busy proxy keeps its first connections for ever: requests
+        stick to the replicas that existed then, and a replica added later gets none."""
+        connection = response.connection  # None when the answer had no body and is done already
+        if connection is None or connection.protocol is None:
+            return
+        now = time.monotonic()
+        if now - self.first_used.setdefault(connection.protocol, now) > self.lifetime_s:
+            connection.protocol.force_close()  # aiohttp's connector then closes it on release
 
     async def all(self, method: str, path: str, body: bytes | None = None) -> dict[str, Answer]:
         answers = await asyncio.gather(
@@ -140,6 +163,7 @@ class FanOut:
         headers = {"Content-Type": "application/json"} if body is not None else None
         try:
             async with self.session.request(method, url, data=body, headers=headers) as r:
+                self.retire_if_old(r)
                 raw = await read_capped(r)
                 if r.status != 200:
                     error, detail = f"HTTP {r.status}", raw[:200].decode(errors="replace")

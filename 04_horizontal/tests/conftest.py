@@ -19,11 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from processes import Process, start, start_proxy, start_services, wait_healthy  # noqa: E402
 
 FUZZ_REQUESTS = Counter()  # app -> requests sent by test_fuzz.py, printed after the run
+CONTAINER_NOTES: list[str] = []  # what test_containers.py saw, printed after the run
 
 
 def pytest_terminal_summary(terminalreporter):
     for app, count in sorted(FUZZ_REQUESTS.items()):
         terminalreporter.write_line(f"fuzz: {count} requests to the {app}")
+    for note in CONTAINER_NOTES:
+        terminalreporter.write_line(f"containers: {note}")
 
 
 @dataclass
@@ -106,7 +109,8 @@ class Recorder:
     """A stand-in service that records every request and answers with a fixed status.
 
     raw: the exact body bytes to answer with (any JSON, or none); endless: stream chunks with
-    no Content-Length until the client hangs up.
+    no Content-Length until the client hangs up; keep_alive: HTTP/1.1, connections kept open.
+    ports: the client port of each request, which tells the connections apart.
     """
 
     def __init__(
@@ -115,11 +119,15 @@ class Recorder:
         body: dict | None = None,
         raw: bytes | None = None,
         endless: bool = False,
+        keep_alive: bool = False,
     ):
         self.requests: list[str] = []
+        self.ports: list[int] = []
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_GET(self):  # noqa: N802 (the name http.server asks for)
                 self.answer()
 
@@ -129,6 +137,7 @@ class Recorder:
 
             def answer(self):
                 recorder.requests.append(f"{self.command} {self.path}")
+                recorder.ports.append(self.client_address[1])
                 payload = raw if raw is not None else json.dumps(body or {"error": "broken"})
                 payload = payload.encode() if isinstance(payload, str) else payload
                 self.send_response(status)

@@ -196,6 +196,25 @@ def test_when_no_service_answers_the_proxy_says_so_with_a_502(proxy_for, http):
     assert body == {name: {"health": "down", "error": "cannot connect"} for name in CLASSES}
 
 
+def test_a_connection_is_reused_until_its_lifetime_then_made_anew(recorder, proxy_for, http):
+    # One request at a time: a kept-alive connection would serve every one of them for ever, so
+    # with replicas behind one name the first replica would get them all.
+    answer = {"prediction": [0.5, 0.5], "health": "ok"}
+    kept = recorder(body=answer, keep_alive=True)
+    proxy = proxy_for({"kept": kept.url})
+    for _ in range(10):
+        assert http(proxy.url + "/predict", {"data": [SETOSA]})[0] == 200
+    assert len(set(kept.ports)) == 1  # kept alive: one connection for all ten
+    renewed = recorder(body=answer, keep_alive=True)
+    proxy = proxy_for({"renewed": renewed.url}, CONNECTION_LIFETIME_S="0.3")
+    deadline = time.monotonic() + 20  # a generous bound for a busy machine; about 1 s here
+    while len(set(renewed.ports)) < 3 and time.monotonic() < deadline:
+        assert http(proxy.url + "/predict", {"data": [SETOSA]})[0] == 200
+        time.sleep(0.05)
+    assert len(set(renewed.ports)) >= 3  # a new connection after each 0.3 s of use
+    assert len(renewed.ports) > 3  # and each one reused meanwhile
+
+
 @pytest.mark.parametrize(
     "body",
     [b"not json", b'{"data": []}', b'{"data": [[1, 2, 3]]}', b'{"data": [[1, 2, 3, NaN]]}'],
