@@ -11,12 +11,18 @@ Keys (every job key expires `job_ttl` seconds after it is written):
                            jump to the right (so among high jobs the newest goes first).
     queue:predict:processing  List of ids a worker has claimed and not finished
     queue:predict:claimed     Sorted set: id -> when it was claimed (ms), for the reaper
-    jobs:recent               Sorted set: id -> when it was submitted (ms), for GET /jobs
+    queue:predict:holder      Hash: id -> the token of its current claim; only the worker with
+                              that token may finish the job or give it back
+    queue:predict:attempts    Hash: id -> claims not ended cleanly (its worker died or hung)
+    jobs:recent               Sorted set: id -> when it was submitted (ms), for GET /jobs; the
+                              newest MAX_RECENT only
 
 Every change that touches more than one key is a Lua script, so it happens all at once: a job
-is never queued without its data, never finished while another worker holds it, never lost
-between two commands. The scripts build `job:{id}:*` keys from ids, which is fine on one Redis
-server (not on Redis Cluster).
+is never queued without its data, never finished by a worker that no longer holds it, never
+lost between two commands. Every script that moves a job refreshes the TTL of its status and
+data together, so a job that waits long never loses its data while it is still queued. The
+scripts build `job:{id}:*` keys from ids, which is fine on one Redis server (not on Redis
+Cluster).
 """
 
 import json
@@ -30,6 +36,7 @@ from redis.asyncio import Redis
 
 MAX_ROWS = 1000
 FEATURES = 4  # sepal length, sepal width, petal length, petal width (cm)
+MAX_RECENT = 10_000  # ids kept in jobs:recent for GET /jobs; older ones drop off the list
 
 
 class JobStatus(StrEnum):
@@ -68,8 +75,15 @@ def new_job_id() -> str:
 
 
 _SUBMIT = """
--- KEYS: status, data, queue, recent   ARGV: id, rows, ttl, priority
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end  -- id taken: never overwrite
+-- KEYS: status, data, queue, recent   ARGV: id, rows, ttl, priority, max queue, max recent
+-- Returns 1: queued, 0: id taken by another job, -1: queue full.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  -- Same id and same rows: redis-py retried this very call after its answer was lost, and the
+  -- first attempt went through. That job is ours; anything else is a collision.
+  if redis.call('GET', KEYS[2]) == ARGV[2] then return 1 end
+  return 0  -- never overwrite
+end
+if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[5]) then return -1 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local ttl = tonumber(ARGV[3])
@@ -82,16 +96,24 @@ else
 end
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[6]) - 1)
 redis.call('EXPIRE', KEYS[4], ttl)
 return 1
 """
 
 _CLAIM = """
--- The worker has moved ARGV[1] into processing with BLMOVE; take up to ARGV[2] more at once.
--- KEYS: queue, processing, claimed   ARGV: first id, how many more, ttl
+-- The worker has moved ARGV[1] into processing with BLMOVE; take up to ARGV[2] more at once,
+-- each under this claim's token.
+-- KEYS: queue, processing, claimed, holder, attempts   ARGV: first id, how many more, ttl,
+-- token, max claims. Returns id, data, id, data...
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local ids = {ARGV[1]}
+local ids = {}
+-- The worker may have stalled since its BLMOVE, long enough for the reaper to hand the job to
+-- someone else: take it only if it is still in processing and nobody holds it.
+if redis.call('LPOS', KEYS[2], ARGV[1]) and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then
+  ids[1] = ARGV[1]
+end
 for _ = 1, tonumber(ARGV[2]) do
   local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
   if not id then break end
@@ -99,58 +121,88 @@ for _ = 1, tonumber(ARGV[2]) do
 end
 local out = {}
 for _, id in ipairs(ids) do
-  local data = redis.call('GET', 'job:' .. id .. ':data')
-  if data then
+  local job = 'job:' .. id .. ':'
+  local data = redis.call('GET', job .. 'data')
+  local claims = redis.call('HINCRBY', KEYS[5], id, 1)
+  local why
+  if not data then
+    why = 'job data expired before a worker took it'
+  elseif claims > tonumber(ARGV[5]) then
+    why = 'given up: ' .. (claims - 1) .. ' workers died or hung while holding it'
+  end
+  if why then
+    redis.call('LREM', KEYS[2], 1, id)
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('HDEL', KEYS[5], id)
+    if redis.call('GET', job .. 'status') ~= 'cancelled' then
+      redis.call('SET', job .. 'error', why, 'EX', ARGV[3])
+      redis.call('SET', job .. 'status', 'failed', 'EX', ARGV[3])
+    end
+  else
     redis.call('ZADD', KEYS[3], now, id)
-    redis.call('SET', 'job:' .. id .. ':status', 'processing', 'EX', ARGV[3])
+    redis.call('HSET', KEYS[4], id, ARGV[4])
+    redis.call('SET', job .. 'status', 'processing', 'EX', ARGV[3])
+    redis.call('EXPIRE', job .. 'data', ARGV[3])
     out[#out + 1] = id
     out[#out + 1] = data
-  else  -- expired or cancelled: nothing to do
-    redis.call('LREM', KEYS[2], 1, id)
   end
 end
 return out
 """
 
 _FINISH = """
--- Store outcomes, but only for jobs this worker still holds (the reaper may have given a
--- slow job to someone else). KEYS: processing, claimed   ARGV: ttl, then id, status, payload...
+-- Store outcomes, but only for jobs still held under the caller's token (the reaper may have
+-- given a slow job to someone else). KEYS: processing, claimed, holder, attempts
+-- ARGV: ttl, then id, token, status, payload...
 local n = 0
-for i = 2, #ARGV, 3 do
-  local id = ARGV[i]
-  if redis.call('LREM', KEYS[1], 1, id) > 0 then
+for i = 2, #ARGV, 4 do
+  local id, job = ARGV[i], 'job:' .. ARGV[i] .. ':'
+  if redis.call('HGET', KEYS[3], id) == ARGV[i + 1] then
+    redis.call('LREM', KEYS[1], 1, id)
     redis.call('ZREM', KEYS[2], id)
-    local field = ARGV[i + 1] == 'completed' and ':result' or ':error'
-    redis.call('SET', 'job:' .. id .. field, ARGV[i + 2], 'EX', ARGV[1])
-    redis.call('SET', 'job:' .. id .. ':status', ARGV[i + 1], 'EX', ARGV[1])
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('HDEL', KEYS[4], id)
+    local field = ARGV[i + 2] == 'completed' and 'result' or 'error'
+    redis.call('SET', job .. field, ARGV[i + 3], 'EX', ARGV[1])
+    redis.call('SET', job .. 'status', ARGV[i + 2], 'EX', ARGV[1])
+    redis.call('EXPIRE', job .. 'data', ARGV[1])
     n = n + 1
   end
 end
 return n
 """
 
-# Prepended to REQUEUE and REAP. KEYS: queue, processing, claimed.
+# Prepended to REQUEUE and REAP. KEYS: queue, processing, claimed, holder, attempts.
 _GIVE_BACK = """
 local function give_back(id, ttl)  -- from processing to the head of the queue
   if redis.call('LREM', KEYS[2], 1, id) == 0 then return 0 end
   redis.call('ZREM', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
   redis.call('RPUSH', KEYS[1], id)
   redis.call('SET', 'job:' .. id .. ':status', 'pending', 'EX', ttl)
+  redis.call('EXPIRE', 'job:' .. id .. ':data', ttl)
   return 1
 end
 """
 
 _REQUEUE = """
--- Put held jobs back, the first claimed frontmost.   ARGV: ttl, ids in claim order
+-- The holder puts jobs back (TF Serving down, or stopping), the first claimed frontmost. A
+-- clean give-back is not a failed attempt. ARGV: ttl, then id, token... in claim order
 local n = 0
-for i = #ARGV, 2, -1 do n = n + give_back(ARGV[i], ARGV[1]) end
+for i = #ARGV - 1, 2, -2 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[4], id) == ARGV[i + 1] then
+    n = n + give_back(id, ARGV[1])
+    redis.call('HINCRBY', KEYS[5], id, -1)
+  end
+end
 return n
 """
 
 _REAP = """
--- Jobs claimed longer than the visibility timeout go back: their worker died or hung. A job
--- seen without a claim time (its worker died between BLMOVE and CLAIM) gets one now.
--- ARGV: timeout ms, ttl
+-- Jobs claimed longer than the visibility timeout go back: their worker died or hung (the
+-- attempt counts). A job seen without a claim time (its worker died between BLMOVE and CLAIM)
+-- gets one now. ARGV: timeout ms, ttl
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local n = 0
@@ -185,6 +237,10 @@ class IdCollision(RuntimeError):
     pass
 
 
+class QueueFull(RuntimeError):
+    """The queue holds max_queue jobs already: the caller should come back later."""
+
+
 class JobStore:
     """All reads and writes of jobs, for the proxy and the worker alike."""
 
@@ -194,14 +250,23 @@ class JobStore:
         queue: str = "queue:predict",
         ttl: int = 86400,
         new_id: Callable[[], str] = new_job_id,
+        max_queue: int = 10_000,
+        max_claims: int = 3,
+        max_recent: int = MAX_RECENT,
     ):
         self.redis = redis
         self.queue = queue
         self.processing = f"{queue}:processing"
         self.claimed = f"{queue}:claimed"
+        self.holder = f"{queue}:holder"
+        self.attempts = f"{queue}:attempts"
         self.recent = "jobs:recent"
         self.ttl = ttl
         self.new_id = new_id
+        self.max_queue = max_queue
+        self.max_claims = max_claims
+        self.max_recent = max_recent
+        self.tokens: dict[str, str] = {}  # job id -> token of this store's claim on it
         self._submit = redis.register_script(_SUBMIT)
         self._claim = redis.register_script(_CLAIM)
         self._finish = redis.register_script(_FINISH)
@@ -218,10 +283,16 @@ class JobStore:
     async def submit(self, rows: list[list[float]], priority: str = "normal") -> str:
         data = json.dumps(rows)
         for _ in range(5):
+            # The id is drawn before the first attempt: a retry of the same call (redis-py
+            # retries once on a timeout) finds its own job instead of queueing a second one.
             job_id = self.new_id()
             keys = [self.key(job_id, "status"), self.key(job_id, "data"), self.queue, self.recent]
-            if await self._submit(keys=keys, args=[job_id, data, self.ttl, priority]):
+            args = [job_id, data, self.ttl, priority, self.max_queue, self.max_recent]
+            done = await self._submit(keys=keys, args=args)
+            if done == 1:
                 return job_id
+            if done == -1:
+                raise QueueFull(f"the queue holds {self.max_queue} jobs")
         raise IdCollision("could not find a free job id in 5 tries")
 
     async def get(self, job_id: str) -> dict | None:
@@ -267,22 +338,30 @@ class JobStore:
         first = await self.redis.blmove(self.queue, self.processing, block, "RIGHT", "LEFT")
         if first is None:
             return []
-        flat = await self._claim(
-            keys=[self.queue, self.processing, self.claimed], args=[first, batch_size - 1, self.ttl]
-        )
-        return list(zip(flat[::2], flat[1::2], strict=True))
+        token = secrets.token_hex(8)  # this claim's, and nobody else's
+        keys = [self.queue, self.processing, self.claimed, self.holder, self.attempts]
+        args = [first, batch_size - 1, self.ttl, token, self.max_claims]
+        flat = await self._claim(keys=keys, args=args)
+        batch = list(zip(flat[::2], flat[1::2], strict=True))
+        self.tokens.update((job_id, token) for job_id, _ in batch)
+        return batch
 
     async def finish(self, outcomes: list[tuple[str, JobStatus, str]]) -> int:
         """Store (id, COMPLETED|FAILED, result or error) for jobs still held; return how many."""
         args: list = [self.ttl]
         for job_id, status, payload in outcomes:
-            args += [job_id, str(status), payload]
-        return await self._finish(keys=[self.processing, self.claimed], args=args)
+            args += [job_id, self.tokens.pop(job_id, ""), str(status), payload]
+        keys = [self.processing, self.claimed, self.holder, self.attempts]
+        return await self._finish(keys=keys, args=args)
 
     async def requeue(self, job_ids: list[str]) -> int:
-        keys = [self.queue, self.processing, self.claimed]
-        return await self._requeue(keys=keys, args=[self.ttl, *job_ids])
+        """Give back jobs this store still holds, to the head of the queue; return how many."""
+        args: list = [self.ttl]
+        for job_id in job_ids:
+            args += [job_id, self.tokens.pop(job_id, "")]
+        keys = [self.queue, self.processing, self.claimed, self.holder, self.attempts]
+        return await self._requeue(keys=keys, args=args)
 
     async def reap(self, visibility_timeout: float) -> int:
-        keys = [self.queue, self.processing, self.claimed]
+        keys = [self.queue, self.processing, self.claimed, self.holder, self.attempts]
         return await self._reap(keys=keys, args=[int(visibility_timeout * 1000), self.ttl])

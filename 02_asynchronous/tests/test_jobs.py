@@ -6,7 +6,15 @@ import re
 
 import pytest
 from conftest import REDIS_URL
-from jobs import IdCollision, InvalidInput, JobStatus, JobStore, new_job_id, validate_rows
+from jobs import (
+    IdCollision,
+    InvalidInput,
+    JobStatus,
+    JobStore,
+    QueueFull,
+    new_job_id,
+    validate_rows,
+)
 from redis.asyncio import Redis
 
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -191,3 +199,134 @@ def test_recent_jobs_newest_first_paginated(db):
 def test_ids_are_short_and_distinct():
     ids = [new_job_id() for _ in range(10000)]
     assert len(set(ids)) == len(ids) and all(len(i) == 10 for i in ids)
+
+
+def test_a_stale_worker_cannot_finish_or_give_back_a_job_it_lost(db):
+    """Worker A stalls past the visibility timeout; the reaper hands its job to worker B."""
+
+    async def scenario(a):
+        b = JobStore(a.redis)  # another worker: its own store, its own claims
+        job_id = await a.submit([ROW])
+        await a.claim(batch_size=1, block=1)
+        await asyncio.sleep(0.05)
+        assert await b.reap(visibility_timeout=0.01) == 1
+        assert [i for i, _ in await b.claim(batch_size=1, block=1)] == [job_id]
+        # A wakes up: neither its failure nor its give-back may touch B's job.
+        stale_finish = await a.finish([(job_id, JobStatus.FAILED, "stale")])
+        stale_requeue = await a.requeue([job_id])
+        during = (await a.get(job_id))["status"], await a.redis.llen("queue:predict")
+        held = await b.finish([(job_id, JobStatus.COMPLETED, "[]")])
+        return job_id, stale_finish, stale_requeue, during, held, await a.get(job_id)
+
+    job_id, stale_finish, stale_requeue, during, held, job = run(scenario)
+    assert (stale_finish, stale_requeue) == (0, 0)
+    assert during == ("processing", 0)
+    assert held == 1
+    assert job == {"job_id": job_id, "status": "completed", "result": []}
+    assert db.llen("queue:predict:processing") == 0
+    assert db.hlen("queue:predict:holder") == db.hlen("queue:predict:attempts") == 0
+
+
+def test_a_worker_that_stalled_before_its_claim_script_does_not_take_the_job(db):
+    """BLMOVE, then a stall past the visibility timeout, then the CLAIM script: too late."""
+
+    async def scenario(a):
+        b = JobStore(a.redis)
+        job_id = await a.submit([ROW])
+        await a.redis.lmove("queue:predict", "queue:predict:processing", "RIGHT", "LEFT")
+        await b.reap(visibility_timeout=0.01)  # first seen: clock starts
+        await asyncio.sleep(0.05)
+        assert await b.reap(visibility_timeout=0.01) == 1
+        assert [i for i, _ in await b.claim(batch_size=1, block=1)] == [job_id]
+        late = await a._claim(
+            keys=[a.queue, a.processing, a.claimed, a.holder, a.attempts],
+            args=[job_id, 0, a.ttl, "a-token", a.max_claims],
+        )
+        return job_id, late, await b.finish([(job_id, JobStatus.COMPLETED, "[]")])
+
+    job_id, late, held = run(scenario)
+    assert late == [] and held == 1
+    assert db.get(f"job:{job_id}:status") == "completed"
+
+
+def test_requeue_and_claim_keep_the_data_alive(db):
+    """A job that waits longer than its TTL in all, but never that long in one place."""
+
+    async def scenario(store):
+        job_id = await store.submit([ROW])
+        await asyncio.sleep(1.2)
+        await store.claim(batch_size=1, block=1)
+        await asyncio.sleep(1.2)  # 2.4 s since submit: the data would have expired
+        assert await store.requeue([job_id]) == 1
+        await asyncio.sleep(1.2)
+        return job_id, await store.claim(batch_size=1, block=1)
+
+    job_id, batch = run(scenario, ttl=2)
+    assert batch == [(job_id, json.dumps([ROW]))]
+    assert db.ttl(f"job:{job_id}:data") == db.ttl(f"job:{job_id}:status") == 2
+
+
+def test_a_job_whose_data_expired_fails_with_a_reason(db):
+    async def scenario(store):
+        job_id = await store.submit([ROW])
+        await store.redis.delete(f"job:{job_id}:data")  # as if its TTL had run out in the queue
+        return job_id, await store.claim(batch_size=1, block=1), await store.get(job_id)
+
+    job_id, batch, job = run(scenario)
+    assert batch == []
+    assert job == {
+        "job_id": job_id,
+        "status": "failed",
+        "error": "job data expired before a worker took it",
+    }
+    assert db.llen("queue:predict") == db.llen("queue:predict:processing") == 0
+    assert 0 < db.ttl(f"job:{job_id}:status") <= DAY
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_max_claims(db):
+    async def scenario(store):
+        job_id = await store.submit([ROW])
+        for _ in range(2):  # claimed, its worker dies, reaped: twice
+            assert len(await store.claim(batch_size=1, block=1)) == 1
+            await asyncio.sleep(0.02)
+            assert await store.reap(visibility_timeout=0.01) == 1
+        # A clean give-back (TensorFlow Serving down) is not a failed attempt.
+        assert len(await store.claim(batch_size=1, block=1)) == 1
+        assert await store.requeue([job_id]) == 1
+        assert len(await store.claim(batch_size=1, block=1)) == 1  # third claim: allowed
+        await asyncio.sleep(0.02)
+        assert await store.reap(visibility_timeout=0.01) == 1
+        return job_id, await store.claim(batch_size=1, block=1), await store.get(job_id)
+
+    job_id, batch, job = run(scenario, max_claims=3)
+    assert batch == []
+    assert job["status"] == "failed"
+    assert job["error"] == "given up: 3 workers died or hung while holding it"
+    assert db.llen("queue:predict") == db.llen("queue:predict:processing") == 0
+    assert db.hlen("queue:predict:attempts") == 0
+
+
+def test_a_full_queue_refuses_new_jobs(db):
+    async def scenario(store):
+        ids = [await store.submit([ROW]) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            await store.submit([ROW], priority="high")
+        await store.claim(batch_size=1, block=1)  # one leaves the queue: room for one more
+        ids.append(await store.submit([ROW]))
+        return ids
+
+    ids = run(scenario, max_queue=2)
+    assert sorted(db.zrange("jobs:recent", 0, -1)) == sorted(ids)
+    assert len(db.keys("job:*:data")) == 3
+
+
+def test_recent_jobs_keep_only_the_newest(db):
+    async def scenario(store):
+        ids = []
+        for _ in range(5):
+            ids.append(await store.submit([ROW]))
+            await asyncio.sleep(0.002)
+        return ids
+
+    ids = run(scenario, max_recent=3)
+    assert db.zrange("jobs:recent", 0, -1) == ids[2:]
