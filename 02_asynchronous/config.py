@@ -5,12 +5,22 @@ import logging
 import logging.config
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# The proxy's HTTP server (uvicorn with httptools, bounds added in proxy.BoundedHttpTools).
+KEEP_ALIVE_TIMEOUT = 5  # seconds an idle keep-alive connection is kept open
+HEADER_TIMEOUT = 10  # seconds for a request's line and headers to arrive, from its first byte
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers together; past it, 400
+LIMIT_CONCURRENCY = 200  # connections + requests in progress; past it, uvicorn answers 503
+BACKLOG = 2048  # connections the kernel queues before the server accepts them
+REDIS_MAX_CONNECTIONS = LIMIT_CONCURRENCY  # one per request in progress: the pool never runs dry
 
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str
+    # repr=False: a password in REDIS_URL, REDIS_PASSWORD or API_KEY never reaches a log line.
+    redis_url: str = field(repr=False)
+    redis_password: str | None = field(repr=False)  # if set, overrides one in REDIS_URL
     queue: str  # Redis key of the job queue; the worker's lists are named after it
     job_ttl: int  # seconds every job key lives after it is written
     tf_serving_host: str
@@ -27,6 +37,9 @@ class Settings:
     predict_timeout: float  # gRPC deadline of one Predict call
     max_attempts: int  # inference attempts per job before it is marked failed
     retry_backoff: float  # first retry delay in seconds; doubles per attempt
+    max_queue: int  # jobs waiting in the queue past which POST /predict answers 429
+    max_claims: int  # times a job may be taken by a worker that dies or hangs, then it fails
+    api_key: str | None = field(repr=False)  # if set, every endpoint but /health needs it
     log_level: str
 
     @classmethod
@@ -38,6 +51,7 @@ class Settings:
         )
         return cls(
             redis_url=env("REDIS_URL", default_redis),
+            redis_password=env("REDIS_PASSWORD") or None,
             queue=env("QUEUE_NAME", "queue:predict"),
             job_ttl=int(env("JOB_TTL", "86400")),
             tf_serving_host=env("TF_SERVING_HOST", "127.0.0.1"),
@@ -54,6 +68,9 @@ class Settings:
             predict_timeout=float(env("PREDICT_TIMEOUT", "5")),
             max_attempts=int(env("MAX_ATTEMPTS", "3")),
             retry_backoff=float(env("RETRY_BACKOFF", "0.2")),
+            max_queue=int(env("MAX_QUEUE", "10000")),
+            max_claims=int(env("MAX_CLAIMS", "3")),
+            api_key=env("API_KEY") or None,
             log_level=env("LOG_LEVEL", "INFO").upper(),
         )
 

@@ -69,12 +69,16 @@ def ready(proc: "Process", check, timeout: float, what: str) -> "Process":
 class Process:
     """A child process whose stdout+stderr go to a temporary file, shown when something fails."""
 
-    def __init__(self, name: str, args: list[str], env: dict | None = None):
+    def __init__(self, name: str, args: list[str], env: dict | None = None, stdin: str = ""):
         self.name = name
         fd, self.log_path = tempfile.mkstemp(prefix=f"02-{name}-", suffix=".log")
         full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-        self.popen = subprocess.Popen(args, cwd=HERE, env=full_env, stdout=fd, stderr=fd)
+        self.popen = subprocess.Popen(
+            args, cwd=HERE, env=full_env, stdin=subprocess.PIPE, stdout=fd, stderr=fd
+        )
         os.close(fd)
+        self.popen.stdin.write(stdin.encode())  # e.g. a secret that must not be in argv
+        self.popen.stdin.close()
         self.pid = self.popen.pid
 
     def text(self) -> str:
@@ -132,7 +136,8 @@ def start_tf_serving(grpc_port: int, rest_port: int, timeout: float = 180) -> Pr
 def start_proxy(env: dict, timeout: float = 60) -> Process:
     proc = Process("proxy", [sys.executable, "proxy.py"], env)
     url = f"http://127.0.0.1:{env['PORT']}/jobs"
-    return ready(proc, lambda: http("GET", url, timeout=2)[0] == 200, timeout, url)
+    up = (200, 401) if env.get("API_KEY") else (200,)  # 401: up, and it wants the key
+    return ready(proc, lambda: http("GET", url, timeout=2)[0] in up, timeout, url)
 
 
 def start_worker(env: dict, timeout: float = 120) -> Process:
@@ -143,11 +148,13 @@ def start_worker(env: dict, timeout: float = 120) -> Process:
     return ready(proc, lambda: proc.text().count('"worker started"') >= count, timeout, "worker")
 
 
-def start_redis(port: int, timeout: float = 10) -> Process:
+def start_redis(port: int, password: str = "", timeout: float = 10) -> Process:
+    """A private redis-server; a password goes in as configuration on stdin, not in argv."""
     proc = Process(
         "redis",
         [
             "redis-server",
+            "-",  # read configuration from stdin too
             "--port",
             str(port),
             "--bind",
@@ -157,11 +164,12 @@ def start_redis(port: int, timeout: float = 10) -> Process:
             "--appendonly",
             "no",
         ],
+        stdin=f'requirepass "{password}"\n' if password else "",
     )
 
     def pong() -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
 
     return ready(proc, pong, timeout, f"redis-server on port {port}")

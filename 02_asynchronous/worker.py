@@ -9,9 +9,11 @@ beside the loop hands jobs of dead workers back to the queue.
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -32,10 +34,23 @@ log = logging.getLogger("worker")
 
 BLOCK_SECONDS = 1.0  # how long one BLMOVE waits; bounds how late a SIGTERM is noticed
 MAX_BACKOFF = 5.0  # cap of the reconnect delays (Redis, TensorFlow Serving)
+RESTART_DELAY = 1.0  # least time between two starts of a supervised worker in one slot
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class Interrupted(Exception):
     """SIGTERM arrived while a batch was waiting to be retried."""
+
+
+def split_rows(probabilities: np.ndarray, inputs: list[list[list[float]]]) -> list[np.ndarray]:
+    """The model's answer for the whole batch, cut back into one array per job."""
+    sizes = [len(rows) for rows in inputs]
+    if probabilities.ndim != 2 or len(probabilities) != sum(sizes):
+        # Never store a shifted answer: with rows missing, every later job would get another's.
+        raise InferenceError(
+            f"the model answered shape {list(probabilities.shape)} for {sum(sizes)} rows"
+        )
+    return np.split(probabilities, np.cumsum(sizes)[:-1])
 
 
 class Backoff:
@@ -84,6 +99,9 @@ class Worker:
                 delay = redis_backoff.next()
                 log.warning("redis unavailable, retrying", extra={"error": str(e), "in_s": delay})
                 await pause(stop, delay)
+            except Exception:  # never die for one batch: its jobs are reaped, their attempts count
+                log.exception("unexpected error, going on")
+                await pause(stop, redis_backoff.next())
         reaper.cancel()
         log.info("worker stopped")
 
@@ -96,22 +114,17 @@ class Worker:
             try:  # the worker does not trust the queue: anyone can LPUSH to Redis
                 inputs.append(validate_rows(json.loads(data)))
                 ids.append(job_id)
-            except ValueError as e:  # bad JSON or InvalidInput
-                outcomes.append((job_id, JobStatus.FAILED, f"invalid job data: {e}"))
+            except (ValueError, RecursionError) as e:  # bad JSON, nested too deep, InvalidInput
+                reason = str(e) if isinstance(e, ValueError) else "nested too deeply"
+                outcomes.append((job_id, JobStatus.FAILED, f"invalid job data: {reason}"))
         if ids:
             try:
-                probabilities = await self.predict(inputs, stop)
+                outcomes += await self.outcomes(ids, inputs, stop)
             except (Unreachable, Interrupted) as e:
-                await self.store.requeue(ids)
-                log.warning("jobs returned to the queue", extra={"jobs": len(ids), "why": str(e)})
+                returned = await self.store.requeue(ids)
+                log.warning("jobs returned to the queue", extra={"jobs": returned, "why": str(e)})
                 await self.store.finish(outcomes)
                 return False
-            except InferenceError as e:
-                outcomes += [(job_id, JobStatus.FAILED, str(e)) for job_id in ids]
-            else:
-                ends = np.cumsum([len(rows) for rows in inputs])[:-1]
-                for job_id, probs in zip(ids, np.split(probabilities, ends), strict=True):
-                    outcomes.append((job_id, JobStatus.COMPLETED, self.describe(probs)))
         stored = await self.store.finish(outcomes)
         log.info(
             "batch done",
@@ -123,6 +136,30 @@ class Worker:
             },
         )
         return True
+
+    async def outcomes(
+        self, ids: list[str], inputs: list[list[list[float]]], stop: asyncio.Event
+    ) -> list[tuple[str, JobStatus, str]]:
+        """(id, status, result or error) for each job of the batch."""
+        try:
+            probabilities = split_rows(await self.predict(inputs, stop), inputs)
+            return [
+                (job_id, JobStatus.COMPLETED, self.describe(probs))
+                for job_id, probs in zip(ids, probabilities, strict=True)
+            ]
+        except InferenceError as e:
+            return [(job_id, JobStatus.FAILED, str(e)) for job_id in ids]
+        except (Unreachable, Interrupted):
+            raise
+        except Exception as e:  # a bug, or an answer we cannot read: find the job it belongs to
+            if len(ids) == 1:
+                log.exception("job failed in the worker", extra={"job_id": ids[0]})
+                return [(ids[0], JobStatus.FAILED, f"worker error ({type(e).__name__})")]
+            log.warning("batch failed, retrying its jobs one by one", extra={"jobs": len(ids)})
+            outcomes = []
+            for job_id, rows in zip(ids, inputs, strict=True):
+                outcomes += await self.outcomes([job_id], [rows], stop)
+            return outcomes
 
     async def predict(self, inputs: list[list[list[float]]], stop: asyncio.Event) -> np.ndarray:
         """One Predict call for the whole batch; inference errors are retried with backoff."""
@@ -176,6 +213,7 @@ async def serve(settings: Settings) -> None:
     # No client-side retries: the loop above backs off and says so in the log.
     redis = Redis.from_url(
         settings.redis_url,
+        password=settings.redis_password,
         decode_responses=True,
         socket_connect_timeout=2,
         socket_timeout=BLOCK_SECONDS + 5,
@@ -186,7 +224,7 @@ async def serve(settings: Settings) -> None:
         settings.model_name,
         settings.predict_timeout,
     )
-    store = JobStore(redis, settings.queue, settings.job_ttl)
+    store = JobStore(redis, settings.queue, settings.job_ttl, max_claims=settings.max_claims)
     log.info("worker started", extra={"pid": os.getpid(), "batch_size": settings.batch_size})
     try:
         await Worker(settings, store, model, labels).run(stop)
@@ -200,28 +238,73 @@ def run_one(settings: Settings) -> None:
     uvloop.run(serve(settings))
 
 
+def run_supervised(settings: Settings, supervisor: int) -> None:
+    """A worker process under supervise(): it gets SIGTERM when the supervisor dies, even by
+    SIGKILL, so no worker outlives it (Linux's PR_SET_PDEATHSIG; elsewhere, not enforced)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        return
+    run_one(settings)
+
+
+def supervise(settings: Settings) -> None:
+    """Keep NUM_WORKERS worker processes running until SIGTERM; forward it; exit with theirs."""
+    # Several processes, not threads: each has its own event loop and its own core.
+    setup_logging(settings.log_level)
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start() -> multiprocessing.Process:
+        proc = ctx.Process(target=run_supervised, args=(settings, os.getpid()))
+        proc.start()
+        return proc
+
+    def forward(signum: int) -> None:
+        for proc in procs:
+            # exitcode is None: not reaped yet, so the pid is still this child's and not some
+            # other process's that reused it. (A zombie takes the signal harmlessly.)
+            if proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signum)
+
+    def on_signal(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signum)
+
+    procs = [start() for _ in range(settings.num_workers)]
+    started = [time.monotonic()] * len(procs)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the children directly
+    while not stopping:
+        multiprocessing.connection.wait([proc.sentinel for proc in procs])
+        for slot, proc in enumerate(procs):
+            if proc.exitcode is None or stopping:
+                continue
+            log.warning(
+                "worker exited, starting another",
+                extra={"pid": proc.pid, "exitcode": proc.exitcode},
+            )
+            # A worker that dies at start-up is restarted once per RESTART_DELAY, not in a spin.
+            time.sleep(max(0.0, started[slot] + RESTART_DELAY - time.monotonic()))
+            if not stopping:
+                procs[slot], started[slot] = start(), time.monotonic()
+    forward(signal.SIGTERM)  # again: for a child started while the signal was being handled
+    for proc in procs:
+        proc.join()
+    # A worker that got the SIGTERM before it had set its handler (still starting) stopped as
+    # asked, too.
+    codes = [abs(proc.exitcode) for proc in procs if proc.exitcode != -signal.SIGTERM]
+    sys.exit(max(codes, default=0))
+
+
 def main() -> None:
     settings = Settings.from_env()
     if settings.num_workers <= 1:
         run_one(settings)
-        return
-    # Several processes, not threads: each has its own event loop and its own core.
-    setup_logging(settings.log_level)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=run_one, args=(settings,)) for _ in range(settings.num_workers)]
-    for p in procs:
-        p.start()
-
-    def forward(signum, _frame):
-        for p in procs:
-            if p.pid is not None:
-                os.kill(p.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the children directly
-    for p in procs:
-        p.join()
-    sys.exit(max(abs(p.exitcode or 0) for p in procs))
+    else:
+        supervise(settings)
 
 
 if __name__ == "__main__":

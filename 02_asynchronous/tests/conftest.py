@@ -1,7 +1,10 @@
 """Real Redis (database 2, flushed before each test), real processes on free ports."""
 
 import csv
+import socket
+import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -74,8 +77,8 @@ class Processes:
     def tf_serving(self, grpc_port: int, rest_port: int):
         return self._keep(start_tf_serving(grpc_port, rest_port))
 
-    def redis(self, port: int):
-        return self._keep(start_redis(port))
+    def redis(self, port: int, password: str = ""):
+        return self._keep(start_redis(port, password))
 
     def close(self):
         for proc in reversed(self.started):
@@ -148,3 +151,57 @@ def iris() -> tuple[list[list[float]], list[int]]:
         rows = list(csv.DictReader(f))
     features = [[float(r[k]) for k in list(r)[:4]] for r in rows]
     return features, [int(r["target"]) for r in rows]
+
+
+class Relay:
+    """A TCP relay in front of the real Redis, for the faults a stopped server cannot show.
+
+    `drop_next_reply`: the next answer from Redis is swallowed, and the rest on that connection
+    (the command ran, the client never hears so). `hang`: connections are still accepted and
+    commands still reach Redis, but nothing comes back: a Redis that hangs.
+    """
+
+    def __init__(self, target: str = REDIS_URL):
+        parts = urllib.parse.urlsplit(target)
+        self.target = (parts.hostname, parts.port or 6379)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = parts._replace(netloc=f"127.0.0.1:{self.port}").geturl()
+        self.drop_next_reply = threading.Event()
+        self.hang = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.target)
+            for src, dst, replies in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, replies), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        swallowing = False
+        try:
+            while data := src.recv(65536):
+                if replies and self.drop_next_reply.is_set():
+                    self.drop_next_reply.clear()
+                    swallowing = True
+                if not (replies and (swallowing or self.hang.is_set())):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def relay(db):
+    proxy = Relay()
+    yield proxy
+    proxy.close()

@@ -1,9 +1,13 @@
 """End to end: proxy, workers and TensorFlow Serving as real processes; crashes are real too."""
 
 import json
+import os
 import signal
+import socket
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from conftest import Processes, base_url, make_env, submit_many, wait_jobs
@@ -196,3 +200,223 @@ def test_health_and_metadata(db, procs, env):
     status, metadata = http("GET", f"{base_url(env)}/metadata")
     assert status == 200 and metadata["model_spec"]["name"] == "iris"
     assert "serving_default" in json.dumps(metadata["metadata"])
+
+
+# --- a worker that stalls, and the worker that took its job over ----------------------------
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.02)
+    return result
+
+
+def log_lines(proc, message: str) -> list[dict]:
+    return [json.loads(line) for line in proc.text().splitlines() if f'"{message}"' in line]
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts connections (the kernel's backlog) and never answers; closing it
+    resets them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    yield listener
+    listener.close()
+
+
+def takeover(db, procs, env, tf_serving, silent, stale_env: dict):
+    """Worker A, whose TensorFlow Serving accepts connections and never answers, claims a job
+    and is frozen (SIGSTOP). TensorFlow Serving is frozen too, so that worker B, whose reaper
+    hands A's job to it after B's visibility timeout, holds the job without finishing it.
+    Returns (A, B, job id) with B holding the job, A and TensorFlow Serving still frozen."""
+    tf_proc, _ = tf_serving
+    procs.proxy(env)
+    silent_port = silent.getsockname()[1]
+    stale = procs.worker(
+        env | {"TF_SERVING_GRPC_PORT": str(silent_port), "VISIBILITY_TIMEOUT": "300"} | stale_env
+    )
+    job_id = submit_many(env, [{"data": [VIRGINICA]}])[0]
+    wait_for(lambda: db.lrange("queue:predict:processing", 0, -1) == [job_id], 30, "A claims")
+    stale.signal(signal.SIGSTOP)
+    tf_proc.signal(signal.SIGSTOP)
+    fresh = procs.worker(env | {"VISIBILITY_TIMEOUT": "6", "PREDICT_TIMEOUT": "60"})
+    wait_for(lambda: "requeued jobs past the visibility timeout" in fresh.text(), 60, "B reaps")
+    wait_for(
+        lambda: (
+            db.llen("queue:predict") == 0
+            and db.lrange("queue:predict:processing", 0, -1) == [job_id]
+            and db.get(f"job:{job_id}:status") == "processing"
+        ),
+        30,
+        "B claims",
+    )
+    return stale, fresh, job_id
+
+
+def test_a_stale_worker_cannot_fail_a_job_another_worker_now_holds(
+    db, procs, env, tf_serving, silent_port
+):
+    tf_proc, _ = tf_serving
+    try:
+        stale, fresh, job_id = takeover(
+            db, procs, env, tf_serving, silent_port, {"PREDICT_TIMEOUT": "2", "MAX_ATTEMPTS": "1"}
+        )
+        before = len(log_lines(stale, "batch done"))
+        stale.signal(signal.SIGCONT)  # its Predict is past its deadline: it fails the batch
+        done = wait_for(lambda: log_lines(stale, "batch done")[before:], 30, "A gives up")
+        assert done[0]["failed"] == 1 and done[0]["stored"] == 0  # refused: not A's any more
+        assert db.get(f"job:{job_id}:status") == "processing"
+    finally:
+        tf_proc.signal(signal.SIGCONT)
+    (job,) = wait_jobs(db, env, [job_id], timeout=60)
+    assert job["status"] == "completed" and job["result"][0]["class_name"] == "virginica"
+    assert log_lines(fresh, "batch done")[0]["stored"] == 1
+
+
+def test_a_stale_worker_cannot_requeue_a_job_another_worker_now_holds(
+    db, procs, env, tf_serving, silent_port
+):
+    tf_proc, _ = tf_serving
+    try:
+        stale, fresh, job_id = takeover(
+            db, procs, env, tf_serving, silent_port, {"PREDICT_TIMEOUT": "60"}
+        )
+        before = len(log_lines(stale, "jobs returned to the queue"))
+        stale.signal(signal.SIGCONT)
+        silent_port.close()  # A's connection is reset: UNAVAILABLE, A gives its batch back
+        returned = wait_for(
+            lambda: log_lines(stale, "jobs returned to the queue")[before:], 30, "A gives back"
+        )
+        assert returned[0]["jobs"] == 0, stale.output(6000)  # refused: not A's any more
+        assert db.llen("queue:predict") == 0
+        assert db.get(f"job:{job_id}:status") == "processing"
+    finally:
+        tf_proc.signal(signal.SIGCONT)
+    (job,) = wait_jobs(db, env, [job_id], timeout=60)
+    assert job["status"] == "completed" and job["result"][0]["class_name"] == "virginica"
+    assert log_lines(fresh, "batch done")[0]["stored"] == 1
+    assert not log_lines(stale, "batch done")  # A never took it again (nor finished it)
+
+
+# --- jobs that break a worker ----------------------------------------------------------------
+
+
+def test_deeply_nested_job_data_fails_that_job_and_the_worker_lives(db, procs, env):
+    procs.proxy(env)
+    worker = procs.worker(env)
+    db.set("job:nested:data", "[" * 100_000 + "]" * 100_000, ex=60)
+    db.set("job:nested:status", "pending", ex=60)
+    db.lpush("queue:predict", "nested")
+    bad, ok = wait_jobs(db, env, ["nested", *submit_many(env, [{"data": [SETOSA]}])], timeout=30)
+    assert bad == {
+        "job_id": "nested",
+        "status": "failed",
+        "error": "invalid job data: nested too deeply",
+    }
+    assert ok["status"] == "completed"
+    assert worker.popen.poll() is None
+
+
+def test_an_unexpected_error_fails_only_the_job_it_belongs_to(db, procs, env, tmp_path):
+    """A labels file that lacks class 2: describing a virginica raises IndexError. That job
+    fails with a reason; the others of its batch complete; the worker goes on."""
+    labels = tmp_path / "label.json"
+    labels.write_text(json.dumps({"0": "setosa", "1": "versicolor"}))
+    procs.proxy(env)
+    ids = submit_many(env, [{"data": [row]} for row in (SETOSA, VIRGINICA, VERSICOLOR)], 1)
+    worker = procs.worker(env | {"LABELS_PATH": str(labels)})  # one batch: all three queued
+    setosa, virginica, versicolor = wait_jobs(db, env, ids, timeout=30)
+    assert virginica["status"] == "failed"
+    assert virginica["error"] == "worker error (IndexError)"
+    assert setosa["status"] == versicolor["status"] == "completed"
+    assert "batch failed, retrying its jobs one by one" in worker.text()
+    assert worker.popen.poll() is None
+
+
+def test_an_answer_with_the_wrong_number_of_rows_is_never_stored():
+    from tfserving import InferenceError
+    from worker import split_rows
+
+    inputs = [[SETOSA], [VERSICOLOR, VIRGINICA]]
+    parts = split_rows(np.eye(3, dtype=np.float32), inputs)
+    assert [p.tolist() for p in parts] == [[[1, 0, 0]], [[0, 1, 0], [0, 0, 1]]]
+    for wrong in (np.eye(3)[:2], np.ones((4, 3)), np.ones(3)):
+        with pytest.raises(InferenceError, match="the model answered shape"):
+            split_rows(wrong, inputs)
+
+
+# --- the supervisor (NUM_WORKERS > 1) --------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    """Running: not gone, not a zombie waiting for whoever reaps orphans here."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def started_pids(proc) -> list[int]:
+    """Worker processes in the order they logged; sorted, in the order they were started."""
+    return [line["pid"] for line in log_lines(proc, "worker started")]
+
+
+def test_supervisor_replaces_a_dead_worker(db, procs, env):
+    procs.proxy(env)
+    supervisor = procs.worker(env | {"NUM_WORKERS": "2"})
+    first, second = sorted(started_pids(supervisor))
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: len(started_pids(supervisor)) == 3, 120, "a replacement worker")
+    assert "worker exited, starting another" in supervisor.text()
+    assert alive(second) and alive(started_pids(supervisor)[2])
+    jobs = wait_jobs(db, env, submit_many(env, [{"data": [SETOSA]}] * 20), timeout=60)
+    assert {job["status"] for job in jobs} == {"completed"}
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.popen.wait(30) == 0
+    assert not any(alive(pid) for pid in started_pids(supervisor))
+
+
+def test_supervisor_stops_after_a_worker_it_already_reaped(db, procs, env):
+    """SIGTERM after one worker has died and been reaped: forwarding it must not fail on the
+    dead one and leave the others running."""
+    supervisor = procs.worker(env | {"NUM_WORKERS": "2"})
+    first = min(started_pids(supervisor))  # the first started: the one joined first before
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{first}").exists(), 30, "the dead worker reaped")
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.popen.wait(60) == 0
+    assert "Traceback" not in supervisor.text()
+    assert not any(alive(pid) for pid in started_pids(supervisor))
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(db, procs, env):
+    supervisor = procs.worker(env | {"NUM_WORKERS": "2"})
+    workers = started_pids(supervisor)
+    supervisor.signal(signal.SIGKILL)
+    try:
+        wait_for(lambda: not any(alive(pid) for pid in workers), 30, "workers gone")
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_redis_password_from_the_environment_is_used_and_never_shown(procs, tf_serving):
+    _, (grpc_port, rest_port) = tf_serving
+    port, password = free_port(), "pw-from-the-environment"
+    redis_proc = procs.redis(port, password)
+    env = make_env(grpc_port, rest_port, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    proxy = procs.proxy(env | {"REDIS_PASSWORD": password})
+    worker = procs.worker(env | {"REDIS_PASSWORD": password})
+    db = redis.Redis(port=port, password=password, decode_responses=True)
+    jobs = wait_jobs(db, env, submit_many(env, [{"data": [SETOSA]}]), timeout=30)
+    assert jobs[0]["status"] == "completed"
+    db.close()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).ping()
+    for proc in (redis_proc, proxy, worker):
+        assert password not in proc.text()
+        assert password not in Path(f"/proc/{proc.pid}/cmdline").read_text()  # what ps shows

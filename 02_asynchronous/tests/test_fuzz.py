@@ -1,0 +1,43 @@
+"""schemathesis against the proxy's own /openapi.json, over HTTP to the real process.
+
+For every documented operation, MAX_EXAMPLES generated requests, valid and invalid ones: no
+response may be a 5xx or contradict the documented status codes, content types and schemas.
+The number of requests sent is printed at the end (run with -s to see it).
+"""
+
+from collections import Counter
+
+import schemathesis
+from conftest import base_url
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+
+MAX_EXAMPLES = 40  # per operation; a GET without parameters stops after one
+
+
+def test_the_proxy_answers_as_documented(db, procs, env):
+    procs.proxy(env)
+    schema = schemathesis.openapi.from_url(base_url(env) + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 7
+    counts = Counter()
+    for operation in operations:
+        cases = st.one_of(
+            operation.as_strategy(GenerationMode.POSITIVE),
+            operation.as_strategy(GenerationMode.NEGATIVE),
+        )
+
+        @given(case=cases)
+        @settings(
+            max_examples=MAX_EXAMPLES,
+            deadline=None,  # a shared, loaded machine: speed is bench.py's business
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        def check(case):
+            counts[case.operation.label] += 1
+            case.call_and_validate(timeout=30)
+
+        check()
+    print(f"\nschemathesis requests per operation: {dict(counts)}; total {counts.total()}")
