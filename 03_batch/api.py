@@ -27,18 +27,19 @@ from jsonlog import LOG_CONFIG
 from model import IrisModel
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
 
 log = logging.getLogger("api")
 
 N_FEATURES = 4
 FLOAT32_MAX = 3.4028234663852886e38  # the model takes float32: larger values would become inf
-MAX_ID_DIGITS = 20  # ids are BIGINT UNSIGNED: at most 20 digits
 
 
 class BadRequest(Exception):
@@ -106,14 +107,57 @@ async def with_db(request: Request, fn, *args):
 
 
 async def post_data(request: Request) -> JSONResponse:
+    """Store one row, unpredicted.
+    ---
+    summary: Register one row; the job predicts it later
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema: {$ref: "#/components/schemas/NewItem"}
+    responses:
+      201:
+        description: The row as stored
+        content: {application/json: {schema: {$ref: "#/components/schemas/Item"}}}
+      400: {$ref: "#/components/responses/Error"}
+      413: {$ref: "#/components/responses/Error"}
+      503: {$ref: "#/components/responses/Error"}
+    """
     values = parse_values(await read_json(request))
     items = await with_db(request, db.insert_items, [values])
     return JSONResponse(items[0], status_code=201)
 
 
 async def post_data_list(request: Request) -> JSONResponse:
+    """Store up to MAX_ITEMS rows in one transaction: all of them or, on any bad item, none.
+    ---
+    summary: Register 1 to 10,000 rows at once
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema:
+            type: object
+            additionalProperties: false
+            required: [items]
+            properties:
+              items:
+                type: array
+                minItems: 1
+                maxItems: 10000
+                items: {$ref: "#/components/schemas/NewItem"}
+    responses:
+      201:
+        description: The rows as stored, in order
+        content:
+          application/json:
+            schema: {type: array, items: {$ref: "#/components/schemas/Item"}}
+      400: {$ref: "#/components/responses/Error"}
+      413: {$ref: "#/components/responses/Error"}
+      503: {$ref: "#/components/responses/Error"}
+    """
     body = await read_json(request)
-    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+    if not isinstance(body, dict) or set(body) != {"items"} or not isinstance(body["items"], list):
         raise BadRequest('expected an object {"items": [{"values": [...]}, ...]}')
     if not 1 <= len(body["items"]) <= MAX_ITEMS:
         raise BadRequest(f"items must hold between 1 and {MAX_ITEMS} entries")
@@ -128,26 +172,71 @@ async def post_data_list(request: Request) -> JSONResponse:
     return JSONResponse(items, status_code=201)
 
 
+LISTING_DOC = """One page of rows in id order.
+    ---
+    summary: A page of {which} rows, in id order (an empty page is the end)
+    parameters:
+      - name: limit
+        in: query
+        schema: {{type: integer, minimum: 1, maximum: 1000, default: 100}}
+      - {{name: after_id, in: query, description: the last id of the previous page,
+         schema: {{type: integer, minimum: 0, maximum: 9223372036854775807, default: 0}}}}
+    responses:
+      200:
+        description: The page
+        content:
+          application/json:
+            schema: {{type: array, items: {{$ref: "#/components/schemas/Item"}}}}
+      400: {{$ref: "#/components/responses/Error"}}
+      503: {{$ref: "#/components/responses/Error"}}
+    """
+
+
 def listing(which: str):
     async def endpoint(request: Request) -> JSONResponse:
         limit = query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
         after_id = query_int(request, "after_id", 0, 0, 2**63 - 1)
         return JSONResponse(await with_db(request, db.list_items, which, after_id, limit))
 
+    endpoint.__doc__ = LISTING_DOC.format(which=which)
     return endpoint
 
 
 async def get_data(request: Request) -> JSONResponse:
-    raw = request.path_params["item_id"]
-    # Parsed here rather than by Starlette's int convertor, which turns 5,000 digits into a 500.
-    item_id = int(raw) if raw.isdigit() and len(raw) <= MAX_ID_DIGITS else None
-    item = None if item_id is None else await with_db(request, db.get_item, item_id)
+    """One row by id.
+    ---
+    summary: One row, with its prediction once the job has run
+    parameters:
+      - {name: item_id, in: path, required: true, schema: {type: integer, minimum: 0}}
+    responses:
+      200:
+        description: The row
+        content: {application/json: {schema: {$ref: "#/components/schemas/Item"}}}
+      404: {$ref: "#/components/responses/Error"}
+      503: {$ref: "#/components/responses/Error"}
+    """
+    item = await with_db(request, db.get_item, request.path_params["item_id"])
     if item is None:
         raise HTTPException(404, "Item not found")
     return JSONResponse(item)
 
 
 async def health(request: Request) -> JSONResponse:
+    """The database answers.
+    ---
+    summary: 200 when the database answers a SELECT 1, else 503
+    responses:
+      200:
+        description: Healthy
+        content:
+          application/json:
+            schema:
+              type: object
+              required: [status]
+              properties: {status: {type: string, enum: [ok]}}
+      503: {$ref: "#/components/responses/Error"}
+    """
+
     def ping(conn):
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
@@ -157,7 +246,88 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def metadata(request: Request) -> JSONResponse:
+    """The model's input, output and labels.
+    ---
+    summary: The model's input and output (from the ONNX file) and its label names
+    responses:
+      200:
+        description: Metadata
+        content:
+          application/json:
+            schema:
+              type: object
+              required: [model, input, output, labels]
+              properties:
+                model: {type: string}
+                input: {type: array, items: {type: object}}
+                output: {type: array, items: {type: object}}
+                labels: {type: object, additionalProperties: {type: string}}
+    """
     return JSONResponse(request.app.state.model.metadata())
+
+
+# The OpenAPI document is generated from the routes and their docstrings, so it cannot drift.
+SCHEMAS = SchemaGenerator(
+    {
+        "openapi": "3.0.3",
+        "info": {"title": "03 batch: register rows now, predict them later", "version": "1"},
+        "components": {
+            "schemas": {
+                "NewItem": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["values"],
+                    "properties": {
+                        "values": {
+                            "type": "array",
+                            "minItems": N_FEATURES,
+                            "maxItems": N_FEATURES,
+                            "items": {
+                                "type": "number",
+                                "minimum": -FLOAT32_MAX,
+                                "maximum": FLOAT32_MAX,
+                            },
+                        }
+                    },
+                },
+                "Item": {
+                    "type": "object",
+                    "required": ["id", "values", "prediction", "created_datetime"],
+                    "properties": {
+                        "id": {"type": "integer", "minimum": 1},
+                        "values": {"type": "array", "items": {"type": "number"}},
+                        "prediction": {
+                            "type": "object",
+                            "nullable": True,
+                            "description": "probability of each label of /metadata",
+                            "additionalProperties": {"type": "number"},
+                        },
+                        "created_datetime": {"type": "string"},
+                    },
+                },
+            },
+            "responses": {
+                "Error": {
+                    "description": "The request is refused or cannot be served",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["detail"],
+                                "properties": {"detail": {"type": "string"}},
+                            }
+                        }
+                    },
+                }
+            },
+        },
+    }
+)
+
+
+async def openapi(request: Request) -> JSONResponse:
+    # JSON, not Starlette's YAML response: its integer status keys make schemathesis refuse it.
+    return JSONResponse(SCHEMAS.get_schema(routes=request.app.routes))
 
 
 # One error shape, {"detail": "..."}, as in the specification.
@@ -166,7 +336,7 @@ async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 # The driver's text (server address, user, SQL) goes to the log only; callers get a stable message.
@@ -199,6 +369,19 @@ class RequireApiKey:
         await self.app(scope, receive, send)
 
 
+class IdConvertor(Convertor):
+    """An id in a URL: ids are BIGINT UNSIGNED, at most 20 digits. (Starlette's int convertor
+    takes any number of digits, and int() of 5,000 of them raises: a 500.)"""
+
+    regex = "[0-9]{1,20}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -208,6 +391,7 @@ def create_app(settings: Settings) -> Starlette:
         yield
         app.state.pool.close()
 
+    register_url_convertor("id", IdConvertor())
     handlers = {BadRequest: bad_request, HTTPException: http_error, Exception: internal_error}
     handlers.update(dict.fromkeys(db.UNAVAILABLE, db_unavailable))
     routes = [
@@ -216,9 +400,10 @@ def create_app(settings: Settings) -> Starlette:
         Route("/data/all", listing("all")),
         Route("/data/unpredicted", listing("unpredicted")),
         Route("/data/predicted", listing("predicted")),
-        Route("/data/{item_id}", get_data),
+        Route("/data/{item_id:id}", get_data),
         Route("/health", health),
         Route("/metadata", metadata),
+        Route("/openapi.json", openapi, include_in_schema=False),
     ]
     guard = [Middleware(RequireApiKey, api_key=settings.api_key)] if settings.api_key else []
     return Starlette(

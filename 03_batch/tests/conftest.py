@@ -26,18 +26,29 @@ from config import Settings  # noqa: E402
 BASE = Settings.from_env()
 
 
+ACCESS_DENIED = (1045, 1698)  # wrong password / unknown account; unix-socket-only account
+NO_SERVER_HINT = (
+    "Start one: `docker compose up -d mysql` in 03_batch, or install the Debian package\n"
+    "mariadb-server (Homebrew: mariadb), or set MYSQL_HOST/MYSQL_PORT/MYSQL_USER/MYSQL_PASSWORD."
+)
+DENIED_HINT = r"""The server is up but refuses the account. A stock Debian MariaDB lets root in
+through the unix socket only; create an account for the tests there (as .ci/run does):
+  mariadb -e "CREATE USER 'batch_test'@'127.0.0.1';
+              GRANT ALL PRIVILEGES ON \`batch\\_%\`.* TO 'batch_test'@'127.0.0.1'"
+and run the tests with MYSQL_USER=batch_test (or set MYSQL_USER/MYSQL_PASSWORD)."""
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mysql_server():
-    """Stop the run with a clear message when there is no database server to test against."""
+    """Stop the run at once, with a clear message, when there is no database server to test
+    against or it refuses our account."""
     try:
         db.connect(BASE, database=False).close()
     except pymysql.err.MySQLError as e:
+        hint = DENIED_HINT if e.args and e.args[0] in ACCESS_DENIED else NO_SERVER_HINT
         pytest.exit(
-            f"cannot reach MySQL at {BASE.mysql_host}:{BASE.mysql_port} as {BASE.mysql_user}"
-            f" ({e}).\n"
-            "Start one: `docker compose up -d mysql` in 03_batch, or install the Debian package\n"
-            "mariadb-server (Homebrew: mariadb), or set MYSQL_HOST/MYSQL_PORT/MYSQL_USER/"
-            "MYSQL_PASSWORD.",
+            f"cannot use MySQL at {BASE.mysql_host}:{BASE.mysql_port} as {BASE.mysql_user}"
+            f" ({e}).\n{hint}",
             returncode=2,
         )
 
@@ -228,3 +239,12 @@ def private_mysql(tmp_path, processes):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many requests the fuzz test sent to each operation (when it ran)."""
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz and fuzz.REQUESTS:
+        terminalreporter.write_line(f"schemathesis requests: {sum(fuzz.REQUESTS.values())} in all")
+        for operation, n in sorted(fuzz.REQUESTS.items()):
+            terminalreporter.write_line(f"  {n:5} {operation}")

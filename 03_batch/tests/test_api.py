@@ -142,8 +142,14 @@ def test_non_json_numbers_and_malformed_json_are_400(api, settings, raw):
 
 @pytest.mark.parametrize(
     "body",
-    [{"items": []}, {"items": [{"values": SETOSA}] * 10_001}, {"items": "x"}, {"values": SETOSA}],
-    ids=["empty list", "10,001 items", "items not a list", "no items key"],
+    [
+        {"items": []},
+        {"items": [{"values": SETOSA}] * 10_001},
+        {"items": "x"},
+        {"values": SETOSA},
+        {"items": [{"values": SETOSA}], "x": 1},
+    ],
+    ids=["empty list", "10,001 items", "items not a list", "no items key", "extra key"],
 )
 def test_bad_list_is_400_and_writes_nothing(api, settings, body):
     status, answer = http("POST", api + "/data/list", body)
@@ -239,9 +245,18 @@ def test_integer_literal_of_5000_digits_is_400(api, settings):
     assert count(settings) == 0
 
 
-@pytest.mark.parametrize("item_id", ["9" * 5000, "99999999999999999999999", "-1", "list"])
+@pytest.mark.parametrize("item_id", ["9" * 5000, "99999999999999999999999", "-1", "1.5"])
 def test_unknown_or_absurd_id_in_the_url_is_404(api, item_id):
-    assert http("GET", f"{api}/data/{item_id}") == (404, {"detail": "Item not found"})
+    status, body = http("GET", f"{api}/data/{item_id}")
+    assert status == 404 and body["detail"] in ("Item not found", "Not Found")
+    assert http("GET", f"{api}/data/18446744073709551615") == (404, {"detail": "Item not found"})
+
+
+def test_wrong_method_on_a_known_path_is_405_with_allow(api):
+    req = urllib.request.Request(api + "/data/list", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 405 and e.value.headers["Allow"] == "POST"
 
 
 def test_headers_growing_past_the_bound_are_refused(api):

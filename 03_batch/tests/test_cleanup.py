@@ -93,3 +93,16 @@ def test_sigint_on_bench_stops_its_jobs(settings, own_group, group):
     interrupt_and_check(bench, group)
     assert bench.returncode != 0
     assert bench_databases(settings) == before  # its database was dropped too
+
+
+def test_a_refused_account_stops_the_tests_at_once_with_a_hint():
+    # The server is up (the other tests use it) but knows no such account: the session fixture
+    # must say so and stop, not report "cannot reach" nor let every test fail on its own.
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_api.py"],
+        cwd=CHAPTER, env=dict(os.environ, MYSQL_USER="no_such_user_03"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout[-2000:]
+    assert "refuses the account" in done.stdout and "batch_test" in done.stdout
+    assert " passed" not in done.stdout and " failed" not in done.stdout

@@ -218,10 +218,10 @@ def hold_gap_lock(settings):
 def waiting_job_connection(settings, killed=()) -> int:
     """The connection id of the job's transaction waiting for a lock, once there is one (not
     one of those already killed, which may linger for a moment)."""
+    # While the gap lock is held every write-back waits, so a write-back in progress is one.
     sql = (
-        "SELECT t.trx_mysql_thread_id FROM information_schema.INNODB_TRX t"
-        " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
-        " WHERE p.DB = %s AND t.trx_state = 'LOCK WAIT'"
+        "SELECT ID FROM information_schema.PROCESSLIST"
+        " WHERE DB = %s AND INFO LIKE 'INSERT INTO items (id, `values`, prediction)%%'"
     )
 
     def waiting():
