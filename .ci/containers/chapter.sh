@@ -55,7 +55,7 @@ for line in sys.stdin:
         continue
     ok = (c["State"] == "running" and c.get("Health", "") in ("", "healthy")) or (
         c["State"] == "exited" and c.get("ExitCode") == 0)
-    print(f"  {c[\"Service\"]:<20} {c[\"State\"]:<8} {c.get(\"Health\") or \"-\":<9} {c.get(\"Image\")}")
+    print("  %-20s %-8s %-9s %s" % (c["Service"], c["State"], c.get("Health") or "-", c["Image"]))
     if not ok:
         bad.append(c["Service"])
 sys.exit(f"not healthy: {bad}" if bad else 0)
