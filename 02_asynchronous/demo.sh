@@ -59,7 +59,7 @@ poll() {
 check_ports_free
 check_redis
 echo "# starting TensorFlow Serving :$TF_SERVING_GRPC_PORT/:$TF_SERVING_REST_PORT, proxy :$PORT," \
-    "$NUM_WORKERS workers; Redis $REDIS_URL (logs to a temp file)"
+    "$NUM_WORKERS workers; Redis $(redis_where) (logs to a temp file)"
 start_tf_serving >>"$LOGS" 2>&1
 wait_tf_serving || { failed=1; exit 1; }
 start_proxy >>"$LOGS" 2>&1
@@ -91,9 +91,9 @@ BAD=demo$RANDOM
 echo "\$ redis-cli SET job:$BAD:data '[[1, 2, 3]]' EX 86400"
 echo "\$ redis-cli SET job:$BAD:status pending EX 86400"
 echo "\$ redis-cli LPUSH queue:predict $BAD"
-redis-cli -u "$REDIS_URL" SET "job:$BAD:data" '[[1, 2, 3]]' EX 86400 >/dev/null
-redis-cli -u "$REDIS_URL" SET "job:$BAD:status" pending EX 86400 >/dev/null
-redis-cli -u "$REDIS_URL" LPUSH queue:predict "$BAD" >/dev/null
+redis_cli SET "job:$BAD:data" '[[1, 2, 3]]' EX 86400 >/dev/null
+redis_cli SET "job:$BAD:status" pending EX 86400 >/dev/null
+redis_cli LPUSH queue:predict "$BAD" >/dev/null
 echo
 poll "$BAD" failed
 

@@ -60,10 +60,31 @@ check_ports_free() {
     done
 }
 
+# REDIS_URL and REDIS_PASSWORD are read from the environment by Python and redis-cli alone:
+# never put on a command line (ps shows it) nor printed.
+redis_where() {  # host:port/db of REDIS_URL, without a password: safe to print
+    "$PYTHON" -c 'import os, urllib.parse as u; p = u.urlsplit(os.environ["REDIS_URL"])
+print(f"{p.hostname}:{p.port or 6379}", p.path or "/0", sep="")'
+}
+
+redis_cli() {  # redis-cli on REDIS_URL's database; the password goes in as REDISCLI_AUTH
+    local host port db password
+    read -r host port db password < <("$PYTHON" -c 'import os, urllib.parse as u
+p = u.urlsplit(os.environ["REDIS_URL"])
+pw = os.environ.get("REDIS_PASSWORD") or u.unquote(p.password or "")
+print(p.hostname, p.port or 6379, p.path.strip("/") or 0, pw)')
+    if [[ -n $password ]]; then
+        REDISCLI_AUTH=$password redis-cli -h "$host" -p "$port" -n "$db" "$@"
+    else
+        redis-cli -h "$host" -p "$port" -n "$db" "$@"
+    fi
+}
+
 check_redis() {
-    "$PYTHON" -c "import redis, sys; redis.Redis.from_url(sys.argv[1]).ping()" "$REDIS_URL" \
+    "$PYTHON" -c 'import os, redis
+redis.Redis.from_url(os.environ["REDIS_URL"], password=os.environ.get("REDIS_PASSWORD")).ping()' \
         2>/dev/null || {
-        echo "no Redis at $REDIS_URL: start one (redis-server, or docker compose up -d redis)" >&2
+        echo "no Redis at $(redis_where) (or a wrong password): start one (redis-server)" >&2
         return 1
     }
 }

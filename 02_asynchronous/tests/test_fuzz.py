@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-MAX_EXAMPLES = 40  # per operation; a GET without parameters stops after one
+MAX_EXAMPLES = 100  # per operation; a GET without parameters stops after one
 
 
 def test_the_proxy_answers_as_documented(db, procs, env):
