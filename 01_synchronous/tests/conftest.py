@@ -30,6 +30,9 @@ STARTUP_TIMEOUT = 180  # seconds: loading TensorFlow on a busy 2-core machine is
 
 BATCHING_FLAGS = ("--enable_batching", f"--batching_parameters_file={CHAPTER / 'batching.config'}")
 local_only = pytest.mark.skipif(REAL_SERVER, reason="starts its own local server")
+stand_in_only = pytest.mark.skipif(
+    REAL_SERVER, reason="a limit of the stand-in only: TensorFlow Serving has none"
+)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import local_only
+from conftest import stand_in_only
 from grpc_client import predict_request
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
@@ -136,7 +136,7 @@ def test_huge_declared_shape_is_refused_before_any_array_is_built(grpc_client):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@local_only
+@stand_in_only
 def test_declared_rows_over_max_rows_are_refused(grpc_client):
     error = rpc_error(lambda: send(grpc_client, declared(MAX_ROWS + 1)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

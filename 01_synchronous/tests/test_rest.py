@@ -6,7 +6,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import local_only
+from conftest import stand_in_only
 from rest_client import ServingError
 
 TOLERANCE = 1e-5  # float32 printed as decimal text, and possibly other CPU kernels
@@ -167,7 +167,7 @@ def test_gzip_body_is_accepted(server, expected):
     np.testing.assert_allclose(answer["predictions"], expected[:1], atol=TOLERANCE)
 
 
-@local_only
+@stand_in_only
 def test_gzip_bomb_is_refused_at_the_limit(server):
     # 38 KB on the wire, a valid JSON document of MAX_BODY_BYTES + 1 once decoded.
     import gzip
@@ -178,14 +178,14 @@ def test_gzip_bomb_is_refused_at_the_limit(server):
     assert "larger than" in answer["error"]
 
 
-@local_only
+@stand_in_only
 def test_body_over_the_limit_is_413(server):
     body = ROW_BODY[:-1] + b" " * (MAX_BODY_BYTES - len(ROW_BODY) + 1) + b"}"
     status, answer = raw_request(server, "POST", PREDICT, body)
     assert status == 413 and "larger than" in answer["error"]
 
 
-@local_only
+@stand_in_only
 def test_declared_huge_body_is_refused_before_it_is_sent(server):
     # Content-Length says 1 TB and no body follows: the answer must not wait for the body.
     import socket
@@ -199,7 +199,7 @@ def test_declared_huge_body_is_refused_before_it_is_sent(server):
     assert answer.startswith(b"HTTP/1.1 413")
 
 
-@local_only
+@stand_in_only
 def test_chunked_body_over_the_limit_is_413(server):
     # No Content-Length: the limit holds while the chunks stream in.
     def chunks():
