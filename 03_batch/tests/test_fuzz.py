@@ -33,7 +33,8 @@ def fuzz_database():
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 def test_api_conforms_to_its_schema(case):
-    key = f"{case.method} {case.path}"
+    declared = case.method.upper() == case.operation.method.upper()
+    key = f"{case.method} {case.path}" if declared else "undeclared methods (405 expected)"
     REQUESTS[key] = REQUESTS.get(key, 0) + 1
     case.call_and_validate()
 
