@@ -6,10 +6,11 @@ same SavedModel with TensorFlow itself:
     python local_serving.py --port=8500 --rest_api_port=8501 \\
         --model_name=iris --model_base_path=../models/iris [--enable_batching]
 
-It is ready when `GET /v1/models/iris` reports state AVAILABLE. Flags default to the
-environment variables of the tensorflow/serving image (PORT, REST_API_PORT, MODEL_NAME, and
-MODEL_BASE_PATH, the directory holding the model's directory), read once here. HOST (default
-127.0.0.1) is the address both servers bind; containers set 0.0.0.0.
+It is ready when `GET /v1/models/iris` reports state AVAILABLE. Flags default to environment
+variables, read once here: PORT (gRPC), REST_API_PORT, and as in the tensorflow/serving image
+MODEL_NAME and MODEL_BASE_PATH (the directory holding the model's directory; the image's
+entrypoint turns its GRPC_PORT and PORT, for REST, into flags). HOST (default 127.0.0.1) is the
+address both servers bind; containers pass 0.0.0.0.
 """
 
 from __future__ import annotations
