@@ -7,6 +7,7 @@ machine. Also counts the CPU time the proxy, the services and this client spend 
 Bounded in count and time. Prints a table, and as its last line one JSON object.
 
     python bench.py [--requests-c1 N] [--requests-c50 N] [--seconds S] [--access-log]
+                    [--no-metrics]
 """
 
 import argparse
@@ -112,7 +113,8 @@ async def bench(targets: dict[str, str], proxy_pid: int, service_pids: list[int]
 def report(results: dict, targets: dict, args, load_before: float) -> None:
     print(
         f"{os.cpu_count()} cores shared with other work, load average {load_before:.2f} before"
-        f" the run, access log {'on' if args.access_log else 'off'}"
+        f" the run, access log {'on' if args.access_log else 'off'},"
+        f" HTTP metrics {'off' if args.no_metrics else 'on'}"
     )
     header = "target                      conc  requests   req/s  p50 ms  p99 ms"
     print(header + "   CPU us/request: proxy services client")
@@ -145,6 +147,7 @@ def report(results: dict, targets: dict, args, load_before: float) -> None:
         "cores": os.cpu_count(),
         "load_before": round(load_before, 2),
         "access_log": args.access_log,
+        "http_metrics": not args.no_metrics,
     }
     print(json.dumps(summary))
 
@@ -157,9 +160,15 @@ def main() -> None:
     parser.add_argument(
         "--access-log", action="store_true", help="keep the servers' per-request JSON log lines"
     )
+    parser.add_argument(
+        "--no-metrics", action="store_true", help="METRICS=0: no HTTP metrics middleware"
+    )
     args = parser.parse_args()
 
-    log = {"ACCESS_LOG": "1" if args.access_log else "0"}
+    log = {
+        "ACCESS_LOG": "1" if args.access_log else "0",
+        "METRICS": "0" if args.no_metrics else "1",
+    }
     services = start_services(**log)
     processes = list(services.values())
     try:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import aiohttp
 from payload import INPUT_SCHEMA, MAX_BODY_BYTES, SAMPLE, one_or_many, parse_rows, per_row
-from serving import ServerSettings, read_body, serve, web_app
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from serving import LATENCY_BUCKETS, ServerSettings, read_body, serve, web_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -67,10 +68,46 @@ class Settings:
 
 @dataclass(frozen=True)
 class Answer:
-    """What one service said: its JSON object, or why there is none (a stable, short reason)."""
+    """What one service said: its JSON object, or why there is none (a stable, short reason for
+    the caller, and one of REASONS for the metrics)."""
 
     body: dict | None = None
     error: str | None = None
+    reason: str | None = None
+
+
+# Why a call gave no usable answer: the reason label of fanout_service_call_failures_total.
+REASONS = ("timeout", "connect", "http_status", "too_large", "invalid_answer", "request_failed")
+INVALID_JSON = "answered with invalid JSON"
+
+
+class FanOutMetrics:
+    """The fan-out as Prometheus sees it, labelled by the configured service names only."""
+
+    def __init__(self, registry: CollectorRegistry, services: dict[str, str]):
+        self.call_duration = Histogram(
+            "fanout_service_call_duration_seconds",
+            "Time of one call to one service, answered or not, by service name",
+            ["service"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.failures = Counter(
+            "fanout_service_call_failures_total",
+            "Service calls without a usable answer, by service name and reason",
+            ["service", "reason"],
+            registry=registry,
+        )
+        self.partial_answers = Counter(
+            "fanout_partial_answers_total",
+            "Answers given (200) with at least one service missing",
+            registry=registry,
+        )
+        # Every series exists from the start at 0, so increase() sees a service's first failure.
+        for name in services:
+            self.call_duration.labels(name)
+            for reason in REASONS:
+                self.failures.labels(name, reason)
 
 
 class TooLarge(Exception):
@@ -111,8 +148,9 @@ async def read_capped(response: aiohttp.ClientResponse) -> bytes:
 class FanOut:
     """Sends one request to every service concurrently over a single, long-lived HTTP session."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics: FanOutMetrics):
         self.services = settings.services
+        self.metrics = metrics
         self.timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self.lifetime_s = settings.connection_lifetime_s
         self.first_used: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> t
@@ -157,8 +195,17 @@ class FanOut:
         return dict(zip(self.services, answers, strict=True))
 
     async def one(self, name: str, method: str, path: str, body: bytes | None) -> Answer:
-        """One service's answer. The caller gets a stable reason; the log gets the detail, with
-        the service's address, which callers never see."""
+        """One service's answer, timed, and counted by reason when there is none."""
+        started = time.perf_counter()
+        answer = await self.ask(name, method, path, body)
+        self.metrics.call_duration.labels(name).observe(time.perf_counter() - started)
+        if answer.reason:
+            self.metrics.failures.labels(name, answer.reason).inc()
+        return answer
+
+    async def ask(self, name: str, method: str, path: str, body: bytes | None) -> Answer:
+        """The caller gets a stable reason; the log gets the detail, with the service's address,
+        which callers never see."""
         url = self.services[name] + path
         headers = {"Content-Type": "application/json"} if body is not None else None
         try:
@@ -166,46 +213,58 @@ class FanOut:
                 self.retire_if_old(r)
                 raw = await read_capped(r)
                 if r.status != 200:
-                    error, detail = f"HTTP {r.status}", raw[:200].decode(errors="replace")
+                    reason, error = "http_status", f"HTTP {r.status}"
+                    detail = raw[:200].decode(errors="replace")
                 else:
                     answer = json.loads(raw)
                     if isinstance(answer, dict):
                         return Answer(body=answer)
-                    error, detail = "answered with invalid JSON", "not an object"
+                    reason, error, detail = "invalid_answer", INVALID_JSON, "not an object"
         except TimeoutError:
-            error, detail = f"no answer within {self.timeout.total} s", ""
+            reason, error, detail = "timeout", f"no answer within {self.timeout.total} s", ""
         except aiohttp.ClientConnectorError as exc:
-            error, detail = "cannot connect", str(exc)
+            reason, error, detail = "connect", "cannot connect", str(exc)
         except aiohttp.ClientError as exc:
-            error, detail = f"request failed: {type(exc).__name__}", str(exc)
+            reason, error = "request_failed", f"request failed: {type(exc).__name__}"
+            detail = str(exc)
         except TooLarge:
-            error, detail = f"answer larger than {MAX_BODY_BYTES} bytes", ""
+            reason, error, detail = "too_large", f"answer larger than {MAX_BODY_BYTES} bytes", ""
         except (ValueError, RecursionError) as exc:  # not JSON, or nested deeper than the stack
-            error, detail = "answered with invalid JSON", type(exc).__name__
+            reason, error, detail = "invalid_answer", INVALID_JSON, type(exc).__name__
         log.warning("%s %s %s failed: %s (%s)", name, method, url, error, detail or "-")
-        return Answer(error=error)
+        return Answer(error=error, reason=reason)
 
 
-def sort_out(answers: dict[str, Answer], rows: int) -> tuple[dict[str, list], dict[str, str]]:
+def sort_out(
+    answers: dict[str, Answer], rows: int, metrics: FanOutMetrics
+) -> tuple[dict[str, list], dict[str, str]]:
     """Split the answers into usable predictions by name and the reasons of the services without
-    one. Only checked numbers go back to the caller, never a service's body as it came."""
+    one. Only checked numbers go back to the caller, never a service's body as it came. A JSON
+    object without one prediction per row is counted as invalid_answer here."""
     usable, missing = {}, {}
     for name, answer in answers.items():
         pairs = predictions(answer, rows)
-        if pairs is None:
-            missing[name] = answer.error or "answered without one prediction per row"
-        else:
+        if pairs is not None:
             usable[name] = pairs
+        elif answer.error:
+            missing[name] = answer.error
+        else:
+            missing[name] = "answered without one prediction per row"
+            metrics.failures.labels(name, "invalid_answer").inc()
+    if usable and missing:
+        metrics.partial_answers.inc()
     return usable, missing
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    registry = CollectorRegistry()
+    metrics = FanOutMetrics(registry, settings.services)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
         # One session (one connection pool) for the life of the app, never one per request.
-        app.state.fan_out = FanOut(settings)
+        app.state.fan_out = FanOut(settings, metrics)
         log.info("services: %s", settings.services)
         yield
         await app.state.fan_out.close()
@@ -218,7 +277,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     def all_predictions(answers: dict[str, Answer], rows: int) -> JSONResponse:
         """Every service's prediction by name; a service without one says why, in its place."""
-        usable, missing = sort_out(answers, rows)
+        usable, missing = sort_out(answers, rows, metrics)
         if not usable:
             return no_answer(missing)
         return JSONResponse(
@@ -253,8 +312,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         for name, a in answers.items():
             if a.body is not None and a.body.get("health") == "ok":
                 report[name] = {"health": "ok"}
+            elif a.error:
+                report[name] = {"health": "down", "error": a.error}
             else:
-                report[name] = {"health": "down", "error": a.error or 'answered without "ok"'}
+                report[name] = {"health": "down", "error": 'answered without "ok"'}
+                metrics.failures.labels(name, "invalid_answer").inc()
         return JSONResponse(report)
 
     async def metadata(request: Request) -> JSONResponse:
@@ -340,7 +402,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
           "502": {$ref: "#/components/responses/NoServiceAnswered"}
         """
         rows, answers = await ask_all(request)
-        votes, missing = sort_out(answers, len(rows))
+        votes, missing = sort_out(answers, len(rows), metrics)
         if not votes:
             return no_answer(missing)
         labels = []
@@ -383,7 +445,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/predict/get/test", predict_get_test),
         Route("/predict/post/test", predict_post_test, methods=["POST"]),
     ]
-    return web_app(routes, lifespan, settings.server, OPENAPI_INFO, OPENAPI_COMPONENTS)
+    return web_app(routes, lifespan, settings.server, OPENAPI_INFO, OPENAPI_COMPONENTS, registry)
 
 
 OPENAPI_INFO = {"title": "04_horizontal proxy", "version": "1"}

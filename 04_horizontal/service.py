@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from payload import INPUT_SCHEMA, SAMPLE, one_or_many, parse_rows
+from prometheus_client import CollectorRegistry, Histogram
 from serving import ServerSettings, read_body, serve, web_app
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,6 +26,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 log = logging.getLogger("service")
+
+# The model's own time per call: about 10 microseconds for one row, a few ms for 1,000 rows.
+INFERENCE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,13 @@ class BinaryClassifier:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    registry = CollectorRegistry()
+    inference = Histogram(
+        "service_inference_duration_seconds",
+        "Time the ONNX model takes for one call (all its rows)",
+        registry=registry,
+        buckets=INFERENCE_BUCKETS,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -82,7 +93,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if settings.test_delay_s:
             await asyncio.sleep(settings.test_delay_s)
         # Inline on the event loop: ~10 microseconds per call is cheaper than a thread hop.
-        proba = request.app.state.model.predict(rows)
+        with inference.time():
+            proba = request.app.state.model.predict(rows)
         return JSONResponse({"prediction": one_or_many(proba)})
 
     async def metadata(request: Request) -> JSONResponse:
@@ -147,7 +159,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/predict/test", predict_test),
     ]
     info = {"title": f"04_horizontal service ({settings.mode})", "version": "1"}
-    return web_app(routes, lifespan, settings.server, info, OPENAPI_COMPONENTS)
+    return web_app(routes, lifespan, settings.server, info, OPENAPI_COMPONENTS, registry)
 
 
 OPENAPI_COMPONENTS = {

@@ -4,15 +4,24 @@ import hmac
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import uvicorn
 from payload import MAX_BODY_BYTES, OPENAPI_SCHEMAS, BadInput
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -26,7 +35,13 @@ DEFAULT_LIMIT_CONCURRENCY = 256
 REQUEST_READ_TIMEOUT_S = 10  # from a connection's or a request's first byte to its body's last
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers; h11's default bound
 
-OPEN_PATHS = ("/health", "/openapi.json")  # answered without the API key
+OPEN_PATHS = ("/health", "/openapi.json")  # answered without the API key; /metrics needs it
+
+# Histogram buckets in seconds, for HTTP requests and the proxy's service calls: a direct service
+# call takes under a millisecond, a proxied one a few, a timed-out service call SERVICE_TIMEOUT_S.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# The method label takes these values or "other": a client must not be able to add series.
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,7 @@ class ServerSettings:
     access_log: bool
     limit_concurrency: int
     api_key: str | None  # None: no key needed; set: "Authorization: Bearer <key>" on every call
+    metrics: bool  # METRICS=0 leaves out the HTTP metrics middleware (for bench.py's comparison)
 
     @classmethod
     def from_env(cls, default_port: int) -> "ServerSettings":
@@ -47,6 +63,7 @@ class ServerSettings:
             access_log=os.environ.get("ACCESS_LOG", "1") not in ("0", "false", "no"),
             limit_concurrency=int(os.environ.get("LIMIT_CONCURRENCY", DEFAULT_LIMIT_CONCURRENCY)),
             api_key=os.environ.get("API_KEY") or None,
+            metrics=os.environ.get("METRICS", "1") not in ("0", "false", "no"),
         )
 
 
@@ -140,6 +157,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 def serve(create_app, settings) -> None:
     """Run create_app(settings) under uvicorn; settings.server says where and how to log."""
     server = settings.server
+    # No *_created series: a third more lines per scrape, and nothing here reads them.
+    disable_created_metrics()
     uvicorn.run(
         create_app(settings),
         host=server.host,
@@ -209,6 +228,67 @@ class RequireApiKey:
         await self.app(scope, receive, send)
 
 
+class HttpMetrics:
+    """Counts and times every HTTP request by method, route template and status (pure ASGI).
+
+    The label is the route's template ("/predict"), never the raw path: the router leaves the
+    matched route in the scope. A request refused before routing (a 401) is matched here; a path
+    no route matches is "unmatched", so no client can create a series.
+    """
+
+    def __init__(self, app, registry: CollectorRegistry, routes: list):
+        self.app = app
+        self.routes = routes
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests answered, by method, route template and status",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from a request's arrival to its last response byte, by method and route template",
+            ["method", "route"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status, counted = 500, False  # 500: what the client gets if the app raises first
+
+        def count() -> None:
+            nonlocal counted
+            counted = True
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            route = self.route_of(scope)
+            self.duration.labels(method, route).observe(time.perf_counter() - started)
+            self.requests.labels(method, route, str(status)).inc()
+
+        async def send_and_count(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                count()  # before the last byte leaves: whoever has the answer finds it counted
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            if not counted:  # the app raised, or the client left before the end
+                count()
+
+    def route_of(self, scope) -> str:
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return route.path if route is not None else "unmatched"
+
+
 async def health(request) -> JSONResponse:
     """Is this process up?
     ---
@@ -227,10 +307,16 @@ async def health(request) -> JSONResponse:
 
 
 def web_app(
-    routes: list, lifespan, server: ServerSettings, info: dict, components: dict
+    routes: list,
+    lifespan,
+    server: ServerSettings,
+    info: dict,
+    components: dict,
+    registry: CollectorRegistry,
 ) -> Starlette:
-    """A Starlette app with /health, /openapi.json, the optional API key and this chapter's one
-    error shape. info and components go into the OpenAPI document."""
+    """A Starlette app with /health, /openapi.json, /metrics, the optional API key and this
+    chapter's one error shape. info and components go into the OpenAPI document; registry holds
+    the app's own metrics (one per app, not the process-wide default: tests run several)."""
     generator = SchemaGenerator(
         {
             "openapi": "3.0.3",
@@ -250,13 +336,24 @@ def web_app(
         # JSON, generated from the routes' docstrings, so it cannot drift from the code.
         return JSONResponse(generator.get_schema(routes=request.app.routes))
 
-    middleware = [Middleware(RequireApiKey, api_key=server.api_key)] if server.api_key else []
+    async def metrics(request) -> Response:
+        # Prometheus's text format; left out of the OpenAPI document, as /openapi.json is.
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/health", health),
+        Route("/openapi.json", openapi, include_in_schema=False),
+        Route("/metrics", metrics, include_in_schema=False),
+        *routes,
+    ]
+    # Outermost first: the metrics see every answer, the API key's 401s included.
+    middleware = (
+        [Middleware(HttpMetrics, registry=registry, routes=routes)] if server.metrics else []
+    )
+    if server.api_key:
+        middleware.append(Middleware(RequireApiKey, api_key=server.api_key))
     return Starlette(
-        routes=[
-            Route("/health", health),
-            Route("/openapi.json", openapi, include_in_schema=False),
-            *routes,
-        ],
+        routes=routes,
         lifespan=lifespan,
         middleware=middleware,
         exception_handlers={
