@@ -1,6 +1,7 @@
-"""The compose stack for real: the walkthrough, replicas sharing the calls, a stopped service and
-a crashed one. Run by `make containers` (../.ci/containers/chapter.sh), which brings the stack up
-healthy first, sets COMPOSE (a command prefix for this stack) and takes it down afterwards.
+"""The compose stack for real: the walkthrough, replicas sharing the calls, a stopped service, a
+crashed one, and the monitoring profile's Prometheus scraping every replica. Run by
+`make containers` (../.ci/containers/chapter.sh), which brings the stack up healthy first, sets
+COMPOSE (a command prefix for this stack) and takes it down afterwards.
 """
 
 import json
@@ -9,6 +10,8 @@ import re
 import shlex
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -167,3 +170,50 @@ def test_a_crashed_service_is_restarted():
     until(lambda: all_healthy(proxy), what="versicolor healthy after the crash")
     status, body = call(proxy + "/predict", ROW)
     assert status == 200 and all("prediction" in v for v in body.values()), body
+
+
+def prometheus_get(url: str, path: str, **params: str) -> dict:
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(url + path + query, timeout=5) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def targets_up(prometheus: str) -> Counter:
+    """How many targets of each job Prometheus scrapes successfully; empty while it starts."""
+    try:
+        targets = prometheus_get(prometheus, "/api/v1/targets", state="active")["activeTargets"]
+    except OSError:
+        return Counter()
+    return Counter(t["labels"]["job"] for t in targets if t["health"] == "up")
+
+
+def test_prometheus_scrapes_every_role_and_every_replica():
+    monitoring = ("--profile", "monitoring")
+    proxy = proxy_url()
+    compose(*monitoring, "up", "-d", "--wait", "--pull", "never", "prometheus")
+    try:
+        prometheus = "http://" + compose(*monitoring, "port", "prometheus", "9090").strip()
+        one_each = Counter(proxy=1, service_setosa=1, service_versicolor=1, service_virginica=1)
+        until(lambda: targets_up(prometheus) == one_each, what=f"targets {dict(one_each)} up")
+        compose("up", "-d", "--wait", "--pull", "never", "--no-recreate",
+                "--scale", "service_virginica=3")  # fmt: skip
+        try:
+            # dns_sd_configs re-reads the name every 5 s: each new address is a target.
+            until(lambda: targets_up(prometheus)["service_virginica"] == 3,
+                  what="three virginica targets up")  # fmt: skip
+            CONTAINER_NOTES.append(f"prometheus targets up, scaled: {dict(targets_up(prometheus))}")
+
+            def traffic_seen() -> list:
+                assert call(proxy + "/predict/label", ROW) == (200, LABEL)
+                rate = "sum(rate(http_requests_total{job='proxy', route='/predict/label'}[1m])) > 0"
+                return prometheus_get(prometheus, "/api/v1/query", query=rate)["result"]
+
+            until(traffic_seen, what="the proxy's request rate in Prometheus")
+        finally:
+            compose("up", "-d", "--wait", "--pull", "never", "--no-recreate",
+                    "--scale", "service_virginica=1")  # fmt: skip
+        until(lambda: targets_up(prometheus) == one_each, what="back to one target each")
+    finally:
+        compose(*monitoring, "rm", "--stop", "--force", "--volumes", "prometheus")
