@@ -38,6 +38,10 @@ class Settings:
     visibility_timeout: float
     max_attempts: int
     worker_nice: int
+    metrics_port: int
+    # prometheus-client's multiprocess directory; None: the supervisor makes a temporary one.
+    metrics_dir: Path | None
+    metrics: bool  # METRICS=0 leaves the proxy's HTTP middleware out (to measure its cost)
     log_level: str
 
     @classmethod
@@ -66,5 +70,10 @@ class Settings:
             visibility_timeout=float(env("VISIBILITY_TIMEOUT", "30")),
             max_attempts=int(env("MAX_ATTEMPTS", "3")),
             worker_nice=int(env("WORKER_NICE", "10")),
+            metrics_port=int(env("METRICS_PORT", "8001")),
+            metrics_dir=Path(env("PROMETHEUS_MULTIPROC_DIR"))
+            if env("PROMETHEUS_MULTIPROC_DIR")
+            else None,
+            metrics=env("METRICS", "1") != "0",
             log_level=env("LOG_LEVEL", "INFO").upper(),
         )

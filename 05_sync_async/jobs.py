@@ -4,7 +4,7 @@
     queue:jobs:processing  List    job ids a worker has claimed (BLMOVE) and not yet finished
     queue:jobs:claims      ZSet    job id -> deadline; a claim past it is handed out again
     queue:jobs:attempts    Hash    job id -> number of claims, to stop retrying a poison job
-    submit:{id}            String  the token of the submission that owns the id (TTL 1 h)
+    submit:{id}            Hash    token: the submission that took the id; at: when (TTL 1 h)
     image:{id}             String  the uploaded image bytes (TTL 1 h), deleted once answered
     result:{id}            String  JSON {"status", "prediction", "top5", ...} (TTL 1 h)
 
@@ -63,13 +63,17 @@ class Keys:
 # result still exists, so two live jobs never share an id, and no image is ever stored without its
 # job. Idempotent: a retried call (same id, same token) whose first run did happen, but whose reply
 # was lost, finds its own token and answers 1 again instead of queueing a second job. A queue
-# already `max_queue_length` long refuses the job (-1): the worker is that far behind.
+# already `max_queue_length` long refuses the job (-1): the worker is that far behind. The submit
+# time travels with the job, by Redis's clock, which also stamps its result: the latency metric
+# then needs no agreement between the proxy's and the worker's clocks.
 SUBMIT = """
-local owner = redis.call('GET', KEYS[1])
+local owner = redis.call('HGET', KEYS[1], 'token')
 if owner then return owner == ARGV[1] and 1 or 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if redis.call('LLEN', KEYS[4]) >= tonumber(ARGV[5]) then return -1 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'at', now[1] .. '.' .. string.format('%06d', now[2]))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('LPUSH', KEYS[4], ARGV[4])
 return 1
@@ -77,18 +81,22 @@ return 1
 
 # The reaper. A claim gets its deadline the first time the reaper sees it (so a worker that dies
 # between BLMOVE and anything else is still covered); an expired claim goes back to the head of
-# the queue. Atomic, so several reapers (one per worker host) can run side by side.
+# the queue. Atomic, so several reapers (one per worker host) can run side by side, and each
+# requeued job is returned by exactly one of them: the reaped-jobs metric counts it once.
 REAP = """
 local now, timeout = tonumber(ARGV[1]), tonumber(ARGV[2])
 for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   redis.call('ZADD', KEYS[3], 'NX', now + timeout, id)
 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for _, id in ipairs(expired) do
+local requeued = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('ZREM', KEYS[3], id)
-  if redis.call('LREM', KEYS[2], 1, id) == 1 then redis.call('RPUSH', KEYS[1], id) end
+  if redis.call('LREM', KEYS[2], 1, id) == 1 then
+    redis.call('RPUSH', KEYS[1], id)
+    table.insert(requeued, id)
+  end
 end
-return expired
+return requeued
 """
 
 
@@ -152,17 +160,26 @@ def claim(redis, keys: Keys, timeout: float) -> str | None:
     return job_id.decode() if job_id is not None else None
 
 
-def start(redis, keys: Keys, job_id: str) -> tuple[bytes | None, int]:
-    """The job's image (None once expired) and how many times it has been claimed."""
+@dataclass(frozen=True)
+class Claimed:
+    image: bytes | None  # None once expired
+    attempts: int  # claims so far, this one included
+    submitted_at: float | None  # Redis's clock, seconds; None for a job not queued by `submit`
+
+
+def start(redis, keys: Keys, job_id: str) -> Claimed:
+    """The job's image, how many times it has been claimed, and when it was submitted."""
     with redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.image(job_id))
         pipe.hincrby(keys.attempts, job_id, 1)
-        image, attempts = pipe.execute()
-    return image, attempts
+        pipe.hget(keys.submitted(job_id), "at")
+        image, attempts, at = pipe.execute()
+    return Claimed(image, attempts, float(at) if at is not None else None)
 
 
-def finish(redis, keys: Keys, job_id: str, result: dict, ttl: int) -> bool:
-    """Write the result and release the job, all or nothing; False if it had an answer already.
+def finish(redis, keys: Keys, job_id: str, result: dict, ttl: int) -> float | None:
+    """Write the result and release the job, all or nothing. Returns when the result was written
+    (Redis's clock, seconds), or None if the job had an answer already.
 
     The first answer wins (NX): a job can run twice when its claim expired while its worker was
     merely slow, and the second run, finding the image gone, must not overwrite a good answer.
@@ -173,8 +190,9 @@ def finish(redis, keys: Keys, job_id: str, result: dict, ttl: int) -> bool:
         pipe.lrem(keys.processing, 1, job_id)
         pipe.zrem(keys.claims, job_id)
         pipe.hdel(keys.attempts, job_id)
-        written, *_ = pipe.execute()
-    return bool(written)
+        pipe.time()
+        written, *_, (seconds, microseconds) = pipe.execute()
+    return seconds + microseconds / 1e6 if written else None
 
 
 def reap(redis, keys: Keys, now: float, visibility_timeout: float) -> list[str]:

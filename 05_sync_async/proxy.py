@@ -3,6 +3,7 @@
 POST /predict {"image_data": "<base64>"} -> {"job_id", "result_sync", "top5"}
 GET  /job/{job_id}                       -> {"<job_id>": {"prediction", "status", ...}}
 GET  /predict/test | /health | /metadata | /openapi.json (generated from the docstrings below)
+GET  /metrics                            -> Prometheus text format
 """
 
 import asyncio
@@ -12,18 +13,26 @@ import hmac
 import json
 import logging
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 import uvicorn
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
 
 import jobs
@@ -39,8 +48,11 @@ JOB_ID = re.compile(rf"[0-9a-f]{{{2 * jobs.ID_BYTES}}}")
 KEEP_ALIVE_SECONDS = 5  # an idle keep-alive connection is closed after this long
 MAX_HEADER_BYTES = 64 * 1024  # a request line plus headers past this are refused (400)
 # Open even when API_KEY is set: probes, the API's description, and the static demo page (whose
-# own requests then need the key, so the page is for a key-less local run).
+# own requests then need the key, so the page is for a key-less local run). Not /metrics: it
+# tells anyone the traffic; Prometheus sends the key (`authorization` in its scrape config).
 OPEN_PATHS = {"/health", "/openapi.json", "/"}
+# Label values must stay few: any other method (h11 accepts any token) is counted as "other".
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 def _error_response(description: str) -> dict:
@@ -106,13 +118,82 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+class Metrics:
+    """The proxy's metrics, in a registry of the app's own (so one process can hold several)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from the request's arrival to the end of its answer",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "model_inference_duration_seconds",
+            "Preprocessing and inference of one image (decoding excluded)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.submitted = Counter(
+            "jobs_submitted_total", "Jobs queued for the accurate model", registry=self.registry
+        )
+
+
+class HttpMetrics:
+    """Pure ASGI middleware: counts and times every request by its route's template
+    (`/job/{job_id}`, never the id itself); a path no route matches is "unmatched"."""
+
+    def __init__(self, app, metrics: Metrics, routes: list[Route]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def route(self, scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:  # PARTIAL: the path's route, another method (405)
+                return route.path
+        return "unmatched"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, counted = time.perf_counter(), 500, False  # 500: failed before answering
+        method = scope["method"] if scope["method"] in METHODS else "other"
+
+        def count():
+            nonlocal counted
+            if not counted:
+                counted, route = True, self.route(scope)
+                self.metrics.requests.labels(method, route, str(status)).inc()
+                self.metrics.duration.labels(method, route).observe(time.perf_counter() - started)
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                count()  # before the last bytes go out: whoever got the answer sees it counted
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            count()
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette):
-    settings = Settings.from_env()
+    settings = app.state.settings
     labels = load_labels(settings.labels_path)
-    app.state.settings = settings
     app.state.keys = jobs.Keys(settings.queue_name)
     app.state.model = Classifier(settings.sync_model_path, labels, efficientnet_input)
+    app.state.inference_timer = app.state.metrics.inference.labels(app.state.model.name)
     app.state.sample = settings.sample_image_path.read_bytes()
     app.state.page = (HERE / "index.html").read_text()
     # Decoding plus the fast model take milliseconds of CPU: they run in this pool, so the event
@@ -184,7 +265,9 @@ async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
     state = request.app.state
 
     def fast_top5():
-        return state.model.top_k(decode_image(image, state.settings.max_image_pixels))
+        decoded = decode_image(image, state.settings.max_image_pixels)
+        with state.inference_timer.time():
+            return state.model.top_k(decoded)
 
     try:
         top5 = await asyncio.get_running_loop().run_in_executor(state.decoder, fast_top5)
@@ -208,6 +291,7 @@ async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
     except REDIS_DOWN as exc:
         log.error("cannot queue the job", extra={"fields": {"error": repr(exc)}})
         return error(503, "job queue unavailable, try again later")
+    state.metrics.submitted.inc()
     label = top5[0]["label"]
     log.info("sync prediction", extra={"fields": {"job_id": job_id, "result_sync": label}})
     return JSONResponse({"job_id": job_id, "result_sync": label, "top5": top5})
@@ -373,25 +457,40 @@ async def openapi(request: Request) -> JSONResponse:
     return JSONResponse(SCHEMA.get_schema(routes=request.app.routes))
 
 
-app = Starlette(
-    routes=[
+async def metrics(request: Request) -> Response:
+    # The classic text format (0.0.4), which every Prometheus version reads.
+    body = generate_latest(request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+def create_app(settings: Settings) -> Starlette:
+    routes = [
         Route("/", page),
         Route("/predict", predict, methods=["POST"]),
         Route("/predict/test", predict_test),
         Route("/job/{job_id}", job),
         Route("/health", health),
         Route("/metadata", metadata),
+        # Neither is part of the API the document describes (nor fuzzed as such).
         Route("/openapi.json", openapi, include_in_schema=False),
-    ],
-    middleware=[Middleware(BaseHTTPMiddleware, dispatch=require_api_key)],
-    lifespan=lifespan,
-)
+        Route("/metrics", metrics, include_in_schema=False),
+    ]
+    measured = Metrics()
+    # Outermost, so a 401 is counted too. METRICS=0 leaves it out, to measure what it costs.
+    timing = [Middleware(HttpMetrics, metrics=measured, routes=routes)] if settings.metrics else []
+    app = Starlette(
+        routes=routes,
+        middleware=[*timing, Middleware(BaseHTTPMiddleware, dispatch=require_api_key)],
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.metrics = settings, measured
+    return app
 
 
 def main() -> None:
     settings = Settings.from_env()
     uvicorn.run(
-        app,
+        create_app(settings),
         host=settings.host,
         port=settings.port,
         log_config=log_config(settings.log_level),

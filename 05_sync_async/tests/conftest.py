@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 import jobs
 from config import Settings
@@ -191,9 +192,11 @@ def start_proxy(start, **env) -> tuple[Process, str]:
 
 
 def start_worker(start, redis_url: str = REDIS_URL, **env) -> Process:
-    """A supervisor with its processes, returned once every one waits on the queue."""
-    env = {"NUM_WORKERS": 2, "VISIBILITY_TIMEOUT": 2, **env}
+    """A supervisor with its processes, returned once every one waits on the queue; its metrics
+    are at `process.metrics_url`."""
+    env = {"NUM_WORKERS": 2, "VISIBILITY_TIMEOUT": 2, "METRICS_PORT": free_port(), **env}
     process = start("worker.py", REDIS_URL=redis_url, **env)
+    process.metrics_url = f"http://127.0.0.1:{env['METRICS_PORT']}/metrics"
     client = connect(redis_url, env.get("REDIS_PASSWORD", REDIS_PASSWORD))
 
     def waiting():
@@ -203,6 +206,25 @@ def start_worker(start, redis_url: str = REDIS_URL, **env) -> Process:
     wait_until(waiting, 90, "the worker processes to wait on the queue", process)
     client.close()
     return process
+
+
+def worker_processes(db, worker) -> list[int]:
+    """The supervisor's children that hold a worker connection (not multiprocessing helpers)."""
+    names = {c["name"] for c in db.client_list()}
+    return [pid for pid in worker.children() if f"worker-{pid}" in names]
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[tuple, float]:
+    """A /metrics page, parsed by prometheus-client: {(sample, ((label, value), ...)): value}."""
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def submit(

@@ -15,10 +15,12 @@ from conftest import (
     free_port,
     http,
     result,
+    scrape,
     start_proxy,
     start_worker,
     submit,
     wait_until,
+    worker_processes,
 )
 
 
@@ -74,12 +76,20 @@ def test_sigkill_mid_job_loses_nothing(start, db):
     (replacement,) = worker_processes(db, worker)  # started by the supervisor
     assert replacement != victim
     assert '"claim expired, job requeued"' in worker.output()
-
-
-def worker_processes(db, worker) -> list[int]:
-    """The supervisor's children that hold a worker connection (not multiprocessing helpers)."""
-    names = {c["name"] for c in db.client_list()}
-    return [pid for pid in worker.children() if f"worker-{pid}" in names]
+    # Counted once each, across the dead process and its replacement (multiprocess files): one
+    # restart, one reaped claim, one job finished, no failure. One attempt: the victim died
+    # inside BLMOVE, before it started the job (attempts count the runs that began).
+    metrics = scrape(worker.metrics_url)
+    assert metrics[("worker_restarts_total", ())] == 1
+    assert metrics[("jobs_reaped_total", ())] == 1
+    assert metrics[("jobs_finished_total", (("status", "complete"),))] == 1
+    assert metrics[("jobs_finished_total", (("status", "failed"),))] == 0
+    assert metrics[("job_attempts_count", ())] == 1
+    assert metrics[("job_attempts_bucket", (("le", "1.0"),))] == 1
+    assert metrics[("job_latency_seconds_count", ())] == 1
+    assert metrics[("job_latency_seconds_sum", ())] >= 2  # it waited out VISIBILITY_TIMEOUT
+    assert metrics[("job_queue_length", (("state", "waiting"),))] == 0
+    assert metrics[("job_queue_length", (("state", "claimed"),))] == 0
 
 
 def stop_while_blocked(db, pid: int) -> bool:
@@ -125,6 +135,10 @@ def test_worker_reconnects_after_redis_restarts(start, private_redis):
     servers[-1].kill()
     servers[-1].wait()
     wait_until(lambda: '"redis unavailable"' in worker.output(), 30, "the outage", worker)
+    # The metrics still answer, without a queue length they cannot know (no stale value).
+    metrics = scrape(worker.metrics_url)
+    assert ("jobs_reaped_total", ()) in metrics
+    assert not [key for key in metrics if key[0] == "job_queue_length"]
     start_server()
     job_id = submit(SAMPLE, redis_url=url)
     client = redis.Redis.from_url(url)
