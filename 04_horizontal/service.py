@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 log = logging.getLogger("service")
 
-# The model's own time per call: about 10 microseconds for one row, a few ms for 1,000 rows.
+# The model call with its conversions: from tens of microseconds (one row, idle core) to ms.
 INFERENCE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1)
 
 
