@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from monitoring import ServingMetrics
 from servable import ServingError, invalid
 
 Inputs = dict[str, np.ndarray]
@@ -50,6 +52,7 @@ class _Task:
     inputs: Inputs
     rows: int
     future: asyncio.Future
+    enqueued: float  # time.perf_counter(): the queuing latency's start
 
 
 class Scheduler:
@@ -63,9 +66,15 @@ class Scheduler:
     compatibility but batches run one at a time.
     """
 
-    def __init__(self, run: Callable[[str, Inputs], Inputs], params: BatchingParameters | None):
+    def __init__(
+        self,
+        run: Callable[[str, Inputs], Inputs],
+        params: BatchingParameters | None,
+        metrics: ServingMetrics,
+    ):
         self._run = run
         self.params = params
+        self.metrics = metrics
         self._queues: dict[str, deque[_Task]] = {}
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -96,7 +105,7 @@ class Scheduler:
                 grpc.StatusCode.UNAVAILABLE,
                 "The batch scheduling queue to which this task was submitted is full",
             )
-        task = _Task(inputs, rows, asyncio.get_running_loop().create_future())
+        task = _Task(inputs, rows, asyncio.get_running_loop().create_future(), time.perf_counter())
         queue.append(task)
         self._wake.set()
         return await task.future
@@ -118,6 +127,7 @@ class Scheduler:
                 rows += task.rows
             self.batches += 1
             self.batched_requests += len(batch)
+            self.metrics.batch_ran([t.enqueued for t in batch], time.perf_counter())
             merged = {k: np.concatenate([t.inputs[k] for t in batch]) for k in batch[0].inputs}
             try:
                 outputs = self._run(key, merged)

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from batching import Scheduler
+from monitoring import ServingMetrics
 from servable import Servable, ServingError, invalid
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
@@ -62,24 +63,30 @@ def to_tensor_proto(array: np.ndarray):
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, servable: Servable, scheduler: Scheduler):
+    def __init__(self, servable: Servable, scheduler: Scheduler, metrics: ServingMetrics):
         self.servable = servable
         self.scheduler = scheduler
+        self.metrics = metrics
 
     async def Predict(self, request, context):
         spec = request.model_spec
         try:
-            self.servable.check_spec(spec.name, requested_version(spec))
-            key, sig = self.servable.signature(spec.signature_name)
-            self.servable.check_names(key, request.inputs)
-            order = sorted(sig.inputs)
-            inputs = {
-                k: to_array(self.servable, key, k, request.inputs[k], sig.inputs[k].dtype, i)
-                for i, k in enumerate(order)
-            }
-            outputs = await self.scheduler.predict(key, self.servable.validate(key, inputs))
+            with self.metrics.request(spec.name, "Predict", "GRPC"):  # TensorFlow Serving's labels
+                return await self.predict(request)
         except ServingError as exc:
             await context.abort(exc.code, exc.message)
+
+    async def predict(self, request) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
+        self.servable.check_spec(spec.name, requested_version(spec))
+        key, sig = self.servable.signature(spec.signature_name)
+        self.servable.check_names(key, request.inputs)
+        order = sorted(sig.inputs)
+        inputs = {
+            k: to_array(self.servable, key, k, request.inputs[k], sig.inputs[k].dtype, i)
+            for i, k in enumerate(order)
+        }
+        outputs = await self.scheduler.predict(key, self.servable.validate(key, inputs))
         response = predict_pb2.PredictResponse()
         response.model_spec.CopyFrom(self.servable.model_spec(key))
         for name, value in outputs.items():
@@ -118,7 +125,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def create_server(
-    servable: Servable, scheduler: Scheduler, host: str, port: int
+    servable: Servable, scheduler: Scheduler, metrics: ServingMetrics, host: str, port: int
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
@@ -128,7 +135,7 @@ def create_server(
         ],
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(servable, scheduler), server
+        PredictionService(servable, scheduler, metrics), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(servable), server)
     server.add_insecure_port(f"{host}:{port}")

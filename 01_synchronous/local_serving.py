@@ -29,6 +29,7 @@ import time
 import uvicorn
 from batching import BatchingParameters, Scheduler
 from grpc_api import create_server
+from monitoring import ServingMetrics, metrics_path
 from rest_api import create_app
 from servable import Servable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -173,10 +174,17 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="ascii BatchingParameters proto, e.g. max_batch_size { value: 64 }",
     )
+    parser.add_argument(
+        "--monitoring_config_file",
+        default="",
+        help='ascii MonitoringConfig proto: prometheus_config { enable: true, path: "..." }',
+    )
     return parser.parse_args(argv)
 
 
 async def serve(flags: argparse.Namespace) -> None:
+    # Read before the model loads: a wrong file stops the server at once.
+    path = metrics_path(flags.monitoring_config_file) if flags.monitoring_config_file else None
     servable = Servable.load(flags.model_name, flags.model_base_path)
     # TensorFlow leaves millions of long-lived objects; a full garbage collection walking them
     # stalls every request for tens of ms. Freezing them keeps collections short (p99 latency).
@@ -195,15 +203,19 @@ async def serve(flags: argparse.Namespace) -> None:
         flags.model_base_path,
         params or "off",
     )
-    scheduler = Scheduler(servable.run, params)
+    # Recorded whether or not they are exported, as TensorFlow Serving does.
+    metrics = ServingMetrics(servable.name)
+    scheduler = Scheduler(servable.run, params, metrics)
     await scheduler.start()
-    grpc_server = create_server(servable, scheduler, flags.host, flags.port)
+    grpc_server = create_server(servable, scheduler, metrics, flags.host, flags.port)
     await grpc_server.start()
     log.info("gRPC API on %s:%d", flags.host, flags.port)
+    if path and flags.rest_api_port:
+        log.info("Prometheus metrics on the REST port at %s", path)
     rest_server = None
     if flags.rest_api_port:
         config = uvicorn.Config(
-            create_app(servable, scheduler),
+            create_app(servable, scheduler, metrics, path),
             host=flags.host,
             port=flags.rest_api_port,
             log_config=LOG_CONFIG,

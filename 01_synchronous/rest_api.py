@@ -16,8 +16,11 @@ import zlib
 import grpc
 import numpy as np
 from batching import Scheduler
+from monitoring import HttpMetrics, ServingMetrics, metrics_endpoint
+from prometheus_client import CollectorRegistry
 from servable import Servable, ServingError, invalid
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -219,14 +222,16 @@ async def handle(request: Request) -> Response:
             return pretty(servable.status(name, version))
         if method == "POST" and (m := PREDICT_PATH.fullmatch(path)):
             name, version, label, verb = m.groups()
-            version = version_number(version)
-            if label:  # no labels are configured: every label is unknown, as in ServerCore
-                raise invalid(f"Unrecognized servable version label: {label}")
-            if verb.lower() != "predict":
-                raise ServingError(
-                    grpc.StatusCode.UNIMPLEMENTED, f"{verb} is not served by this stand-in"
-                )
-            return await predict(request, servable, name, version)
+            metrics: ServingMetrics = request.app.state.metrics
+            with metrics.request(name, verb.lower(), "REST"):  # TensorFlow Serving's labels
+                version = version_number(version)
+                if label:  # no labels are configured: every label is unknown, as in ServerCore
+                    raise invalid(f"Unrecognized servable version label: {label}")
+                if verb.lower() != "predict":
+                    raise ServingError(
+                        grpc.StatusCode.UNIMPLEMENTED, f"{verb} is not served by this stand-in"
+                    )
+                return await predict(request, servable, name, version)
         raise invalid(f"Malformed request: {method} {path}")
     except ServingError as exc:
         return error_response(exc)
@@ -333,8 +338,15 @@ async def openapi(request: Request) -> JSONResponse:
     return JSONResponse(openapi_schema(request.app.routes))
 
 
-def create_app(servable: Servable, scheduler: Scheduler) -> Starlette:
-    """The caller owns the model and the scheduler (one of each for REST and gRPC together)."""
+def create_app(
+    servable: Servable,
+    scheduler: Scheduler,
+    metrics: ServingMetrics | None = None,
+    metrics_path: str | None = None,
+) -> Starlette:
+    """The caller owns the model, the scheduler and the metrics (one of each for REST and gRPC
+    together). With metrics_path (from --monitoring_config_file) the app serves the metrics
+    there, TensorFlow Serving's and its own HTTP ones, from a registry made for this app."""
     routes = [
         Route("/v1/models/{model_name}", status, methods=["GET"]),
         Route("/v1/models/{model_name}/versions/{version}", status, methods=["GET"]),
@@ -349,7 +361,17 @@ def create_app(servable: Servable, scheduler: Scheduler) -> Starlette:
         # "Malformed request: OPTIONS /v1/..."), not Starlette's 404 or 405.
         Route("/v1/{rest:path}", handle, methods=ANY_METHOD, include_in_schema=False),
     ]
-    app = Starlette(routes=routes)
+    middleware = []
+    if metrics is not None and metrics_path:
+        registry = CollectorRegistry()
+        registry.register(metrics)
+        middleware.append(Middleware(HttpMetrics, registry=registry))
+        # First, as TensorFlow Serving registers it before its /v1 dispatcher; not in
+        # /openapi.json, which describes TensorFlow Serving's REST API.
+        page = metrics_endpoint(registry)
+        routes.insert(0, Route(metrics_path, page, methods=ANY_METHOD, include_in_schema=False))
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.servable = servable
     app.state.scheduler = scheduler
+    app.state.metrics = metrics or ServingMetrics(servable.name if servable else "")
     return app

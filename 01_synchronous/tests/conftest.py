@@ -29,6 +29,8 @@ REAL_SERVER = bool(os.environ.get("TF_SERVING_HOST"))
 STARTUP_TIMEOUT = 180  # seconds: loading TensorFlow on a busy 2-core machine is slow
 
 BATCHING_FLAGS = ("--enable_batching", f"--batching_parameters_file={CHAPTER / 'batching.config'}")
+MONITORING_FLAG = f"--monitoring_config_file={CHAPTER / 'monitoring.config'}"
+METRICS_PATH = "/monitoring/prometheus/metrics"  # what monitoring.config enables
 local_only = pytest.mark.skipif(REAL_SERVER, reason="starts its own local server")
 stand_in_only = pytest.mark.skipif(
     REAL_SERVER, reason="a limit of the stand-in only: TensorFlow Serving has none"
@@ -103,8 +105,9 @@ def server():
             )
         yield Server(host, rest_port, grpc_port)
         return
-    # The flags `make run` and compose.yaml use: batching on, parameters from batching.config.
-    process, running = start_local_server(*BATCHING_FLAGS)
+    # The flags `make run` and compose.yaml use: batching on, parameters from batching.config,
+    # the Prometheus page on as monitoring.config says.
+    process, running = start_local_server(*BATCHING_FLAGS, MONITORING_FLAG)
     try:
         yield running
     finally:
@@ -150,3 +153,18 @@ def grpc_client(server):
 
     with GrpcClient(server.host, server.grpc_port, "iris", timeout=30) as client:
         yield client
+
+
+def scrape(server: Server) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the server's Prometheus page: (name, labels) -> value, parsed by
+    prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://{server.host}:{server.rest_port}{METRICS_PATH}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
