@@ -10,8 +10,8 @@ compose.yaml. What is the same for every chapter lives here, once:
 - core kinds validate in strict mode (an unknown field is an error) against the schemas of
   Kubernetes 1.30 and of the newest version kubernetes-validate bundles; a kind it has no schema
   for is a failure, not a warning;
-- KEDA kinds validate against KEDA's own CRD schemas, `../shared/schemas/keda-v2.20.2/` beside
-  the repository (CI copies shared/ there);
+- KEDA kinds validate against KEDA's own CRD schemas, unknown fields refused as in strict mode
+  (`../shared/schemas/keda-v2.20.2/` beside the repository: CI copies shared/ there);
 - every apiVersion is a current one (the book's CronJob used batch/v1beta1, gone since 1.25);
 - rules every chapter keeps: everything in the chapter's Namespace, no password or key written
   into a manifest, every container with requests and limits and a locked-down securityContext.
@@ -76,6 +76,27 @@ def keda_schema(kind: str) -> dict:
     return version["schema"]["openAPIV3Schema"]
 
 
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Fields the schema does not declare: kubectl's strict field validation refuses them (a
+    typo such as `minReplicaCont` would otherwise pass a plain JSON Schema check)."""
+    if isinstance(value, list):
+        items = schema.get("items", {})
+        return [e for i, v in enumerate(value) for e in unknown_fields(v, items, f"{path}.{i}")]
+    if not isinstance(value, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if "properties" not in schema:  # a map (additionalProperties) or a free-form object
+        extra = schema.get("additionalProperties")
+        extra = extra if isinstance(extra, dict) else {}
+        return [e for k, v in value.items() for e in unknown_fields(v, extra, f"{path}.{k}")]
+    errors = []
+    for key, item in value.items():
+        if key not in schema["properties"]:
+            errors.append(f"{path}.{key}".lstrip("."))
+        else:
+            errors += unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+    return errors
+
+
 def pod_spec(obj: dict) -> dict | None:
     spec = obj.get("spec", {})
     if obj["kind"] == "CronJob":
@@ -125,11 +146,16 @@ def check(objects: list[dict]) -> list[str]:
         if kind == "Secret" and (obj.get("data") or obj.get("stringData")):
             errors.append(f"{name}: a Secret with data in the manifests")
         if kind in KEDA_KINDS:
+            schema = keda_schema(kind)
             try:
-                jsonschema.validate(obj, keda_schema(kind))
+                jsonschema.validate(obj, schema)
             except jsonschema.ValidationError as exc:
                 path = ".".join(map(str, exc.absolute_path))
                 errors.append(f"{name}: KEDA schema: {path}: {exc.message}")
+            # metadata is the object's own (the CRD schema leaves it open); the rest strictly.
+            spec_only = {k: v for k, v in obj.items() if k != "metadata"}
+            for field in unknown_fields(spec_only, schema):
+                errors.append(f"{name}: KEDA schema: unknown field {field}")
         else:
             for version in KUBERNETES_VERSIONS:
                 try:
