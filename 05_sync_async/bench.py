@@ -3,6 +3,9 @@ worker saturated) and the time from submit to the accurate answer.
 
 Starts its own proxy and worker on a free port against Redis DB 5 (which it empties), runs for a
 bounded number of requests, prints a table, and as its last line one JSON object.
+
+`bench.py --metrics-overhead` measures only what the HTTP metrics middleware costs: two proxies,
+one with METRICS=0, asked in alternating rounds so both see the same load from other programs.
 """
 
 import asyncio
@@ -52,6 +55,12 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def count_results(db: redis.Redis) -> int:
@@ -105,9 +114,7 @@ async def accurate_latency(session, base: str, total: int) -> list[float]:
 async def main() -> dict:
     db = redis.Redis.from_url(REDIS_URL)
     db.flushdb()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     proxy = start("proxy.py", {"PORT": str(port)})
     worker = None
@@ -130,7 +137,7 @@ async def main() -> dict:
             db.flushdb()
 
             # 2. Submit to accurate answer, one job at a time, with the worker idle in between.
-            worker = start("worker.py", {"NUM_WORKERS": "2"})
+            worker = start("worker.py", {"NUM_WORKERS": "2", "METRICS_PORT": str(free_port())})
 
             async def workers_waiting() -> bool:
                 return sum(c["cmd"] == "blmove" for c in db.client_list() if c["db"] == "5") >= 2
@@ -187,5 +194,51 @@ async def main() -> dict:
     }
 
 
+async def metrics_overhead(rounds: int = 6, per_round: int = 50) -> dict:
+    """sync POST /predict at concurrency 1 with and without the middleware, interleaved."""
+    db = redis.Redis.from_url(REDIS_URL)
+    db.flushdb()
+    bases, proxies = {}, []
+    try:
+        for metrics in ("1", "0"):
+            port = free_port()
+            # A queue as long as the run: no worker drains it here.
+            env = {"PORT": str(port), "METRICS": metrics, "MAX_QUEUE_LENGTH": "100000"}
+            proxies.append(start("proxy.py", env))
+            bases[metrics] = f"http://127.0.0.1:{port}"
+        samples = {"1": [], "0": []}
+        async with aiohttp.ClientSession() as session:
+            for metrics, base in bases.items():
+
+                async def up(base=base) -> bool:
+                    try:
+                        async with session.get(f"{base}/health") as response:
+                            return response.status == 200
+                    except aiohttp.ClientError:
+                        return False
+
+                await wait_for(up, 60, f"the proxy with METRICS={metrics}")
+                await sync_latency(session, base, 1, 20)  # warm-up
+            for _ in range(rounds):
+                for metrics, base in bases.items():
+                    latencies, _ = await sync_latency(session, base, 1, per_round)
+                    samples[metrics] += latencies
+    finally:
+        for proxy in proxies:
+            stop(proxy)
+        db.flushdb()
+    title = "sync POST /predict, concurrency 1"
+    print(f"{title:44} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+    for metrics, name in (("1", "with the metrics middleware"), ("0", "without (METRICS=0)")):
+        p = percentiles(samples[metrics])
+        print(f"{name:44} {p['n']:>4} {p['p50']:>8} {p['p90']:>8} {p['p99']:>8}")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} cores, shared with other work; load average {load}")
+    return {f"p50_ms_metrics_{m}": percentiles(samples[m])["p50"] for m in samples} | {
+        f"p99_ms_metrics_{m}": percentiles(samples[m])["p99"] for m in samples
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main())))
+    measure = metrics_overhead if sys.argv[1:] == ["--metrics-overhead"] else main
+    print(json.dumps(asyncio.run(measure())))

@@ -14,11 +14,14 @@ if [ -n "${PROXY_URL:-}" ]; then
 else
   export PORT=${PORT:-8000} REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/5}
   export NUM_WORKERS=${NUM_WORKERS:-2} QUEUE_NAME=${QUEUE_NAME:-queue:jobs}
+  export METRICS_PORT=${METRICS_PORT:-8001}
   URL=http://localhost:$PORT
-  if (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null; then
-    echo "demo: port $PORT is busy (another demo or 'make run'?); stop it or set PORT" >&2
-    exit 1
-  fi
+  for port in "$PORT" "$METRICS_PORT"; do
+    if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
+      echo "demo: port $port is busy (another demo or 'make run'?); stop it or set PORT and METRICS_PORT" >&2
+      exit 1
+    fi
+  done
   $PYTHON worker.py >"$work/worker.log" 2>&1 &
   worker=$!
   $PYTHON proxy.py >"$work/proxy.log" 2>&1 &

@@ -222,6 +222,7 @@ def work(settings: Settings) -> None:
 def serve_metrics(settings: Settings, directory: Path, keys: jobs.Keys):
     """One scrape target for the whole worker: every process's files plus the supervisor's own."""
     # Files of an earlier run (a restarted container keeps its /tmp) would add old counts in.
+    directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):
         stale.unlink()
     # Read by prometheus-client in every process started from now on (spawn: a fresh import).

@@ -1,7 +1,8 @@
-"""The compose stack for real (`make containers`): the walkthrough against the containers, the page,
-and a worker crash, first of one worker process holding a job, then of the container's main
-process. ../.ci/containers/chapter.sh brings the stack up healthy and takes it down afterwards;
-each test leaves it healthy again. COMPOSE is the command prefix for this stack."""
+"""The compose stack for real (`make containers`): the walkthrough against the containers, the
+page, the monitoring profile's Prometheus scraping every role, and a worker crash, first of one
+worker process holding a job, then of the container's main process. ../.ci/containers/chapter.sh
+brings the stack up healthy and takes it down afterwards; each test leaves it healthy again.
+COMPOSE is the command prefix for this stack."""
 
 import json
 import os
@@ -178,6 +179,38 @@ def test_the_page_loads_from_the_container():
     assert "fetch(" in page and "/predict" in page and "/job/" in page
 
 
+def test_the_monitoring_profile_scrapes_every_role():
+    # chapter.sh starts the stack without profiles: this starts the profile's one service.
+    monitoring = ("--profile", "monitoring")
+    compose(*monitoring, "up", "-d", "--wait", "--pull", "never", "prometheus")
+    try:
+        base = "http://" + compose(*monitoring, "port", "prometheus", "9090").strip()
+
+        def api(path: str) -> dict:
+            with urllib.request.urlopen(f"{base}/api/v1/{path}", timeout=10) as response:
+                body = json.loads(response.read())
+            assert body["status"] == "success", body
+            return body["data"]
+
+        def targets() -> dict[str, str] | None:
+            try:
+                active = api("targets")["activeTargets"]
+            except OSError:
+                return None  # not answering yet
+            health = {t["labels"]["job"]: t["health"] for t in active}
+            return health if set(health.values()) == {"up"} else None
+
+        health = wait_until(targets, 90, "every target up")
+        assert health == {"proxy": "up", "worker": "up", "prometheus": "up"}
+        # Found by Docker's DNS: the worker container's address and its METRICS_PORT.
+        (worker,) = [t for t in api("targets")["activeTargets"] if t["labels"]["job"] == "worker"]
+        assert worker["labels"]["instance"].endswith(":8001")
+        queue = api("query?query=job_queue_length")["result"]
+        assert {r["metric"]["state"] for r in queue} == {"waiting", "claimed"}
+    finally:
+        compose(*monitoring, "rm", "--stop", "--force", "--volumes", "prometheus")
+
+
 def test_a_worker_process_killed_holding_a_job_loses_nothing():
     job_id, holder, others = hold_a_job()
     signal_worker(holder, "KILL")  # a real crash: the supervisor sees exit code -9
@@ -212,15 +245,16 @@ def test_the_worker_container_restarts_when_its_main_process_dies():
     job_id, _, _ = hold_a_job()  # a process of the container holds a job when it dies
     assert inspect()["State"]["Pid"] == before["State"]["Pid"]  # kill -9 1 changed nothing
     os.kill(before["State"]["Pid"], signal.SIGKILL)  # the supervisor; its processes die with it
-    wait_until(
-        lambda: (
-            inspect()["RestartCount"] == before["RestartCount"] + 1
-            and inspect()["State"]["Running"]
-        ),
-        60,
-        "the restart policy to start the worker container again",
-    )
-    after = inspect()
+
+    def restarted() -> dict | None:
+        # Docker marks the container Running (and Restarting, Pid 0) with the count already
+        # raised while it waits out the restart delay: only a new Pid means it started again.
+        state = inspect()
+        again = state["RestartCount"] == before["RestartCount"] + 1
+        started = state["State"]["Running"] and not state["State"]["Restarting"]
+        return state if again and started and state["State"]["Pid"] else None
+
+    after = wait_until(restarted, 60, "the restart policy to start the worker container again")
     assert after["State"]["Pid"] != before["State"]["Pid"]
     assert after["State"]["StartedAt"] > before["State"]["StartedAt"]
     # The claim outlives every process of the container: the new supervisor requeues it.
