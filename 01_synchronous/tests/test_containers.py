@@ -4,7 +4,8 @@ healthy, runs these, and takes it down.
 COMPOSE is a command prefix for the stack (`$COMPOSE port tfserving 8501` -> 127.0.0.1:NNNNN:
 ports are ephemeral, on loopback). In order: the README walkthrough (demo.sh) against the
 container, the `client` service's REST and gRPC calls, the chapter's own tests against the
-container, and last a crash of the server, which the restart policy must answer.
+container, the `monitoring` profile's Prometheus scraping it, and last a crash of the server,
+which the restart policy must answer.
 
 In CI `tensorflow/serving:2.18.0` is the stand-in built from local_serving.py (Docker Hub is
 unreachable), but the chapter's tests treat it as the real server (TF_SERVING_HOST set): they
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -47,7 +49,11 @@ def compose(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def published(port: int) -> tuple[str, int]:
     """Where the host reaches tfserving's container port (asked again after a restart)."""
-    answer = compose("port", "tfserving", str(port))
+    return published_by("tfserving", port)
+
+
+def published_by(service: str, port: int) -> tuple[str, int]:
+    answer = compose("--profile", "monitoring", "port", service, str(port))
     assert answer.returncode == 0, answer.stderr
     host, _, host_port = answer.stdout.strip().rpartition(":")
     return host, int(host_port)
@@ -166,6 +172,51 @@ def test_chapter_tests_pass_against_the_container(capsys):
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     with capsys.disabled():
         print("\n  chapter tests against the container:", run.stdout.strip().splitlines()[-1])
+
+
+PROMETHEUS_TIMEOUT = 120  # seconds: start, first scrapes, a query's window filling
+
+
+def prometheus_api(path: str) -> dict:
+    host, port = published_by("prometheus", 9090)
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def test_monitoring_profile_scrapes_tfserving():
+    # chapter.sh starts the stack without profiles: the profile's Prometheus is started (and
+    # removed) here, from the chapter's own prometheus.yml.
+    up = compose("--profile", "monitoring", "up", "-d", "--wait", "--pull", "never", "prometheus")
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        deadline = time.monotonic() + PROMETHEUS_TIMEOUT
+        while True:
+            try:
+                targets = prometheus_api("/api/v1/targets")["activeTargets"]
+            except OSError:
+                targets = []
+            if targets and all(t["health"] == "up" for t in targets):
+                break
+            assert time.monotonic() < deadline, f"targets not all up: {targets}"
+            time.sleep(1)
+        assert [(t["labels"]["job"], t["scrapeUrl"]) for t in targets] == [
+            ("tfserving", "http://tfserving:8501/monitoring/prometheus/metrics")
+        ]
+        host, port = published(8501)
+        body = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+        url = f"http://{host}:{port}/v1/models/iris:predict"
+        promql = 'sum(rate({__name__=":tensorflow:serving:request_count", status="OK"}[1m])) > 0'
+        query = "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        while not prometheus_api(query)["result"]:
+            assert time.monotonic() < deadline, f"no answer to {promql}"
+            with urllib.request.urlopen(url, body, timeout=30) as response:
+                assert response.status == 200
+            time.sleep(1)
+    finally:
+        stop = compose("--profile", "monitoring", "rm", "--force", "--stop", "-v", "prometheus")
+        assert stop.returncode == 0, stop.stderr
 
 
 def container_state(container: str) -> dict:

@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -110,6 +112,15 @@ def test_headers_over_the_size_limit_are_cut_off(two_versions):
     assert time.monotonic() - started < HEADER_TIMEOUT_SECONDS / 2  # not the timeout's doing
 
 
+def test_no_metrics_page_without_a_monitoring_config(two_versions):
+    # As TensorFlow Serving: the page exists only when --monitoring_config_file enables it.
+    _, client = two_versions
+    url = client.base.split("/v1/")[0] + "/monitoring/prometheus/metrics"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(url, timeout=30)
+    assert info.value.code == 404
+
+
 def test_logs_are_json_lines_and_sigterm_stops_cleanly(two_versions):
     process, _ = two_versions
     stop(process)
@@ -131,3 +142,16 @@ def test_missing_model_path_fails_fast_with_a_message(tmp_path):
     assert result.returncode == 1
     message = json.loads(result.stdout.splitlines()[-1])["message"]
     assert "cannot start" in message and "nothing" in message
+
+
+def test_a_wrong_monitoring_config_fails_fast_with_a_message(tmp_path):
+    config = tmp_path / "monitoring.config"
+    config.write_text("prometheus_config { enable: yes please }")
+    command = [
+        sys.executable, "local_serving.py", "--port=0", "--rest_api_port=0",
+        f"--model_base_path={MODEL_BASE_PATH}", f"--monitoring_config_file={config}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=CHAPTER, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1
+    message = json.loads(result.stdout.splitlines()[-1])["message"]
+    assert "cannot start" in message and "monitoring.config" in message
