@@ -39,9 +39,11 @@ and run the tests with MYSQL_USER=batch_test (or set MYSQL_USER/MYSQL_PASSWORD).
 
 
 @pytest.fixture(scope="session", autouse=True)
-def mysql_server():
+def mysql_server(request):
     """Stop the run at once, with a clear message, when there is no database server to test
     against or it refuses our account."""
+    if all(item.get_closest_marker("containers") for item in request.session.items):
+        return  # the container checks use the compose stack's MySQL (make containers)
     try:
         db.connect(BASE, database=False).close()
     except pymysql.err.MySQLError as e:
@@ -242,7 +244,11 @@ def private_mysql(tmp_path, processes):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """How many requests the fuzz test sent to each operation (when it ran)."""
+    """What the container checks saw, and how many requests the fuzz test sent to each
+    operation (when they ran)."""
+    containers = sys.modules.get("test_containers")
+    for note in containers.NOTES if containers else []:
+        terminalreporter.write_line(f"containers: {note}")
     fuzz = sys.modules.get("test_fuzz")
     if fuzz and fuzz.REQUESTS:
         terminalreporter.write_line(f"schemathesis requests: {sum(fuzz.REQUESTS.values())} in all")
