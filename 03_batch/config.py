@@ -39,7 +39,7 @@ class Settings:
     mysql_database: str = "sample_db"
     model_filepath: str = str(MODELS_DIR / "iris_svc.onnx")
     label_filepath: str = str(MODELS_DIR / "label.json")
-    host: str = "127.0.0.1"  # API; compose sets 0.0.0.0 inside its container
+    host: str = "127.0.0.1"  # API; the image sets 0.0.0.0 (every address of its container)
     port: int = 8000  # API
     # API: when set, every endpoint but /health and /openapi.json needs "Bearer <api_key>".
     api_key: str = field(default="", repr=False)

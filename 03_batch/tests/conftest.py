@@ -28,8 +28,9 @@ BASE = Settings.from_env()
 
 ACCESS_DENIED = (1045, 1698)  # wrong password / unknown account; unix-socket-only account
 NO_SERVER_HINT = (
-    "Start one: `docker compose up -d mysql` in 03_batch, or install the Debian package\n"
-    "mariadb-server (Homebrew: mariadb), or set MYSQL_HOST/MYSQL_PORT/MYSQL_USER/MYSQL_PASSWORD."
+    "Start one: install the Debian package mariadb-server (Homebrew: mariadb), or set\n"
+    "MYSQL_HOST/MYSQL_PORT/MYSQL_USER/MYSQL_PASSWORD. (The compose stack's MySQL publishes no\n"
+    "port; `make containers` tests the stack itself.)"
 )
 DENIED_HINT = r"""The server is up but refuses the account. A stock Debian MariaDB lets root in
 through the unix socket only; create an account for the tests there (as .ci/run does):
