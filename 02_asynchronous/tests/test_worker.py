@@ -227,23 +227,24 @@ def silent_port():
     listener.close()
 
 
-def takeover(db, procs, env, tf_serving, silent, stale_env: dict):
-    """Worker A, whose TensorFlow Serving accepts connections and never answers, claims a job
-    and is frozen (SIGSTOP). TensorFlow Serving is frozen too, so that worker B, whose reaper
-    hands A's job to it after B's visibility timeout, holds the job without finishing it.
-    Returns (A, B, job id) with B holding the job, A and TensorFlow Serving still frozen."""
+def takeover(db, procs, env, tf_serving, stale_env: dict):
+    """Worker A claims a job and is frozen (SIGSTOP) in the middle of its Predict call, which
+    hangs: TensorFlow Serving is frozen too (or, with stale_env's TF_SERVING_GRPC_PORT, A talks
+    to a port that never answers). Worker B's reaper hands A's job to B after B's visibility
+    timeout; B's Predict hangs too, and B is frozen while it holds the job, so that nothing
+    but A moves when A wakes up. Returns (A, B, job id), all three frozen."""
     tf_proc, _ = tf_serving
     procs.proxy(env)
-    silent_port = silent.getsockname()[1]
-    stale = procs.worker(
-        env | {"TF_SERVING_GRPC_PORT": str(silent_port), "VISIBILITY_TIMEOUT": "300"} | stale_env
-    )
-    job_id = submit_many(env, [{"data": [VIRGINICA]}])[0]
-    wait_for(lambda: db.lrange("queue:predict:processing", 0, -1) == [job_id], 30, "A claims")
-    stale.signal(signal.SIGSTOP)
+    stale = procs.worker(env | {"VISIBILITY_TIMEOUT": "300"} | stale_env)
+    if "TF_SERVING_GRPC_PORT" not in stale_env:
+        # Connected before TensorFlow Serving freezes: then only A's deadline can end its call.
+        wait_jobs(db, env, submit_many(env, [{"data": [SETOSA]}]))
     tf_proc.signal(signal.SIGSTOP)
-    fresh = procs.worker(env | {"VISIBILITY_TIMEOUT": "6", "PREDICT_TIMEOUT": "60"})
-    wait_for(lambda: "requeued jobs past the visibility timeout" in fresh.text(), 60, "B reaps")
+    job_id = submit_many(env, [{"data": [VIRGINICA]}])[0]
+    wait_for(lambda: db.get(f"job:{job_id}:status") == "processing", 30, "A claims")
+    stale.signal(signal.SIGSTOP)
+    fresh = procs.worker(env | {"VISIBILITY_TIMEOUT": "6", "PREDICT_TIMEOUT": "120"})
+    wait_for(lambda: "requeued jobs past the visibility timeout" in fresh.text(), 90, "B reaps")
     wait_for(
         lambda: (
             db.llen("queue:predict") == 0
@@ -253,52 +254,61 @@ def takeover(db, procs, env, tf_serving, silent, stale_env: dict):
         30,
         "B claims",
     )
+    fresh.signal(signal.SIGSTOP)
     return stale, fresh, job_id
 
 
-def test_a_stale_worker_cannot_fail_a_job_another_worker_now_holds(
-    db, procs, env, tf_serving, silent_port
-):
+def wake_all_and_wait(db, env, tf_proc, fresh, job_id: str) -> dict:
+    """TensorFlow Serving and B back: B (the holder) completes the job, once."""
+    tf_proc.signal(signal.SIGCONT)
+    fresh.signal(signal.SIGCONT)
+    (job,) = wait_jobs(db, env, [job_id], timeout=90)
+    return job
+
+
+def test_a_stale_worker_cannot_fail_a_job_another_worker_now_holds(db, procs, env, tf_serving):
     tf_proc, _ = tf_serving
     try:
         stale, fresh, job_id = takeover(
-            db, procs, env, tf_serving, silent_port, {"PREDICT_TIMEOUT": "2", "MAX_ATTEMPTS": "1"}
+            db, procs, env, tf_serving, {"PREDICT_TIMEOUT": "2", "MAX_ATTEMPTS": "1"}
         )
-        before = len(log_lines(stale, "batch done"))
         stale.signal(signal.SIGCONT)  # its Predict is past its deadline: it fails the batch
-        done = wait_for(lambda: log_lines(stale, "batch done")[before:], 30, "A gives up")
+        done = wait_for(lambda: log_lines(stale, "batch done")[1:], 30, "A gives up")
         assert done[0]["failed"] == 1 and done[0]["stored"] == 0  # refused: not A's any more
-        assert db.get(f"job:{job_id}:status") == "processing"
+        assert db.get(f"job:{job_id}:status") == "processing"  # still B's
+        stale.stop()
     finally:
         tf_proc.signal(signal.SIGCONT)
-    (job,) = wait_jobs(db, env, [job_id], timeout=60)
+    job = wake_all_and_wait(db, env, tf_proc, fresh, job_id)
     assert job["status"] == "completed" and job["result"][0]["class_name"] == "virginica"
-    assert log_lines(fresh, "batch done")[0]["stored"] == 1
 
 
 def test_a_stale_worker_cannot_requeue_a_job_another_worker_now_holds(
     db, procs, env, tf_serving, silent_port
 ):
     tf_proc, _ = tf_serving
+    port = str(silent_port.getsockname()[1])
     try:
         stale, fresh, job_id = takeover(
-            db, procs, env, tf_serving, silent_port, {"PREDICT_TIMEOUT": "60"}
+            db, procs, env, tf_serving, {"TF_SERVING_GRPC_PORT": port, "PREDICT_TIMEOUT": "300"}
         )
         before = len(log_lines(stale, "jobs returned to the queue"))
         stale.signal(signal.SIGCONT)
         silent_port.close()  # A's connection is reset: UNAVAILABLE, A gives its batch back
         returned = wait_for(
-            lambda: log_lines(stale, "jobs returned to the queue")[before:], 30, "A gives back"
+            lambda: log_lines(stale, "jobs returned to the queue")[before:],
+            60,
+            "A gives back" + stale.output(),
         )
-        assert returned[0]["jobs"] == 0, stale.output(6000)  # refused: not A's any more
-        assert db.llen("queue:predict") == 0
+        assert returned[0]["jobs"] == 0  # refused: not A's any more
+        assert db.llen("queue:predict") == 0  # not in the queue while B works on it
         assert db.get(f"job:{job_id}:status") == "processing"
+        stale.stop()
     finally:
         tf_proc.signal(signal.SIGCONT)
-    (job,) = wait_jobs(db, env, [job_id], timeout=60)
+    job = wake_all_and_wait(db, env, tf_proc, fresh, job_id)
     assert job["status"] == "completed" and job["result"][0]["class_name"] == "virginica"
-    assert log_lines(fresh, "batch done")[0]["stored"] == 1
-    assert not log_lines(stale, "batch done")  # A never took it again (nor finished it)
+    assert not log_lines(stale, "batch done")  # A never finished it
 
 
 # --- jobs that break a worker ----------------------------------------------------------------
