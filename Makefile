@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 REQUIREMENTS := requirements-dev.txt $(wildcard 0*/requirements.txt)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models lint test demo bench containers clean
+.PHONY: setup models lint typecheck test demo bench containers clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ models: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# One mypy run per chapter, that chapter as the root (chapters reuse module names); settings in
+# pyproject.toml.
+typecheck: setup
+	@failed=(); for c in $(CHAPTERS); do \
+		echo "=== mypy $$c"; (cd $$c && ../$(PY) -m mypy --config-file ../pyproject.toml .) || failed+=($$c); \
+	done; [ $${#failed[@]} -eq 0 ] || { echo "mypy FAILED: $${failed[*]}"; exit 1; }
 
 # Each chapter runs in its own process: chapters reuse module names such as proxy.py.
 test: setup models
