@@ -24,7 +24,14 @@ from config import (
     Settings,
 )
 from jsonlog import LOG_CONFIG
+from metrics import ApiMetrics, HttpMetrics
 from model import IrisModel
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    disable_created_metrics,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
@@ -32,7 +39,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
@@ -125,6 +132,7 @@ async def post_data(request: Request) -> JSONResponse:
     """
     values = parse_values(await read_json(request))
     items = await with_db(request, db.insert_items, [values])
+    request.app.state.metrics.registered.inc()
     return JSONResponse(items[0], status_code=201)
 
 
@@ -169,6 +177,7 @@ async def post_data_list(request: Request) -> JSONResponse:
         except BadRequest as e:
             raise BadRequest(f"items[{i}]: {e}") from None
     items = await with_db(request, db.insert_items, values_list)
+    request.app.state.metrics.registered.inc(len(items))
     return JSONResponse(items, status_code=201)
 
 
@@ -325,6 +334,13 @@ SCHEMAS = SchemaGenerator(
 )
 
 
+async def metrics(request: Request) -> Response:
+    # Prometheus's text format. In the thread pool: the table gauges query the database.
+    # Left out of the OpenAPI document, as /openapi.json is (it is not part of the API).
+    body = await run_in_threadpool(generate_latest, request.app.state.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 async def openapi(request: Request) -> JSONResponse:
     # JSON, not Starlette's YAML response: its integer status keys make schemathesis refuse it.
     return JSONResponse(SCHEMAS.get_schema(routes=request.app.routes))
@@ -404,15 +420,27 @@ def create_app(settings: Settings) -> Starlette:
         Route("/health", health),
         Route("/metadata", metadata),
         Route("/openapi.json", openapi, include_in_schema=False),
+        Route("/metrics", metrics, include_in_schema=False),
     ]
-    guard = [Middleware(RequireApiKey, api_key=settings.api_key)] if settings.api_key else []
-    return Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=guard
+    # One registry per app, not the process-wide default: tests build several apps in one process.
+    registry = CollectorRegistry()
+    # Outermost first: the HTTP metrics see every answer, the API key's 401s included.
+    # (METRICS=0 leaves them out, for bench.py's comparison; /metrics still answers.)
+    http_metrics = Middleware(HttpMetrics, registry=registry, routes=routes)
+    middleware = [http_metrics] if settings.metrics else []
+    if settings.api_key:
+        middleware.append(Middleware(RequireApiKey, api_key=settings.api_key))
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers=handlers, middleware=middleware
     )
+    app.state.registry = registry
+    app.state.metrics = ApiMetrics(registry, settings)
+    return app
 
 
 def main() -> None:
     settings = Settings.from_env()
+    disable_created_metrics()  # no *_created series: a third more lines, and nothing reads them
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -29,6 +29,10 @@ CHUNK_ATTEMPTS = 5
 RETRY_DELAY_S = 0.2  # doubled after each failed attempt: 0.2, 0.4, 0.8, 1.6 s
 LOCK_WAIT_S = 5  # a chunk waits this long for a lock held by someone else, then is retried
 
+# Metrics: a scrape of the API's /metrics waits at most this long for each of its two table
+# queries (connect, and the query on the server); past it the table gauges are left out.
+METRICS_QUERY_TIMEOUT_S = 2
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -46,6 +50,9 @@ class Settings:
     interval: float = 60.0  # job: seconds between runs (the first run waits one interval too)
     chunk_size: int = 5000  # job: rows claimed, predicted and written per transaction
     threads: int = 4  # job: chunks in flight at once in one process
+    # job, loop mode: its Prometheus metrics on this port (0: none; never with --once)
+    metrics_port: int = 8001
+    metrics: bool = True  # API: METRICS=0 leaves out the HTTP middleware (bench.py compares)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -65,4 +72,6 @@ class Settings:
             interval=float(env.get("INTERVAL", d.interval)),
             chunk_size=int(env.get("CHUNK_SIZE", d.chunk_size)),
             threads=int(env.get("THREADS", d.threads)),
+            metrics_port=int(env.get("METRICS_PORT", d.metrics_port)),
+            metrics=env.get("METRICS", "1") != "0",
         )

@@ -18,7 +18,10 @@ SCHEMA = Path(__file__).resolve().parent / "schema.sql"
 UNAVAILABLE = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
 
 
-def connect(settings: Settings, database: bool = True) -> pymysql.connections.Connection:
+def connect(
+    settings: Settings, database: bool = True, timeout: float = 60
+) -> pymysql.connections.Connection:
+    """timeout: seconds a query may wait for the server (connecting: at most 5)."""
     return pymysql.connect(
         host=settings.mysql_host,
         port=settings.mysql_port,
@@ -27,9 +30,9 @@ def connect(settings: Settings, database: bool = True) -> pymysql.connections.Co
         database=settings.mysql_database if database else None,
         charset="utf8mb4",
         autocommit=False,
-        connect_timeout=5,
-        read_timeout=60,  # a hung server fails the request instead of holding it forever
-        write_timeout=60,
+        connect_timeout=min(5, timeout),
+        read_timeout=timeout,  # a hung server fails the request instead of holding it forever
+        write_timeout=timeout,
     )
 
 

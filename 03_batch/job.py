@@ -26,7 +26,9 @@ import jsonlog
 import numpy as np
 import pymysql
 from config import CHUNK_ATTEMPTS, LOCK_WAIT_S, RETRY_DELAY_S, Settings
+from metrics import JobMetrics
 from model import IrisModel
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 log = logging.getLogger("job")
 
@@ -53,20 +55,24 @@ QUARANTINE = "UPDATE items SET error = %s WHERE id = %s"
 
 # Errors after which the same chunk may well succeed: the transaction was chosen as a deadlock
 # victim or waited too long for a lock, or the connection was lost (killed, server restarted).
+# The names are the `reason` label of batch_chunk_retries_total.
 TRANSIENT = {
-    1205: "lock wait timeout",
+    1205: "lock_wait_timeout",
     1213: "deadlock",
-    1927: "connection killed",  # MariaDB
-    2003: "cannot connect",
-    2006: "server has gone away",
-    2013: "lost connection",
+    1927: "connection_killed",  # MariaDB
+    2003: "cannot_connect",
+    2006: "server_gone_away",
+    2013: "lost_connection",
 }
 
 
-def is_transient(exc: BaseException) -> bool:
+def transient_reason(exc: BaseException) -> str | None:
+    """Why a chunk may well succeed if tried again, or None: it would fail again."""
     if isinstance(exc, pymysql.err.InterfaceError):  # the connection was already closed
-        return True
-    return isinstance(exc, pymysql.err.OperationalError) and exc.args[0] in TRANSIENT
+        return "connection_closed"
+    if isinstance(exc, pymysql.err.OperationalError):
+        return TRANSIENT.get(exc.args[0])
+    return None
 
 
 class Claims:
@@ -136,7 +142,9 @@ def open_connection(settings: Settings):
     return conn
 
 
-def do_chunk(conn, model: IrisModel, claims: Claims, size: int) -> tuple[int, int]:
+def do_chunk(
+    conn, model: IrisModel, claims: Claims, size: int, metrics: JobMetrics
+) -> tuple[int, int]:
     """Claim, predict, write and commit one chunk; returns its rows (0: nothing left) and how
     many of them were quarantined."""
     started = time.perf_counter()
@@ -161,6 +169,8 @@ def do_chunk(conn, model: IrisModel, claims: Claims, size: int) -> tuple[int, in
         if after is not None:
             claims.give_back(after)
         raise
+    seconds = time.perf_counter() - started
+    metrics.chunk_done(len(rows), len(bad), seconds)
     for reason, item_id in bad:  # marked in the table: never claimed again
         log.warning("row quarantined", extra={"id": item_id, "reason": reason})
     log.info(
@@ -170,14 +180,18 @@ def do_chunk(conn, model: IrisModel, claims: Claims, size: int) -> tuple[int, in
             "first_id": rows[0][0],
             "last_id": rows[-1][0],
             "quarantined": len(bad),
-            "seconds": round(time.perf_counter() - started, 3),
+            "seconds": round(seconds, 3),
         },
     )
     return len(rows), len(bad)
 
 
 def worker(
-    settings: Settings, model: IrisModel, claims: Claims, stop: threading.Event
+    settings: Settings,
+    model: IrisModel,
+    claims: Claims,
+    stop: threading.Event,
+    metrics: JobMetrics,
 ) -> tuple[int, int]:
     """Do chunks until none is left; returns rows done and rows quarantined. A transient
     database error rolls the chunk back and tries again (at most CHUNK_ATTEMPTS times in a row,
@@ -189,12 +203,14 @@ def worker(
             try:
                 if conn is None:
                     conn = open_connection(settings)
-                rows, bad = do_chunk(conn, model, claims, settings.chunk_size)
+                rows, bad = do_chunk(conn, model, claims, settings.chunk_size, metrics)
             except Exception as exc:
                 failures += 1
-                if not is_transient(exc) or failures >= CHUNK_ATTEMPTS:
+                reason = transient_reason(exc)
+                if reason is None or failures >= CHUNK_ATTEMPTS:
                     stop.set()  # the other threads finish their chunk and stop
                     raise
+                metrics.retries.labels(reason).inc()
                 delay = RETRY_DELAY_S * 2 ** (failures - 1)
                 log.warning(
                     "chunk failed; retrying",
@@ -216,9 +232,20 @@ def worker(
     return done, quarantined
 
 
-def run(settings: Settings, model: IrisModel) -> int:
+def run(settings: Settings, model: IrisModel, metrics: JobMetrics) -> int:
     """One pass over every waiting row; returns the number of rows done (predicted or
     quarantined)."""
+    try:
+        rows = run_once(settings, model, metrics)
+    except Exception:
+        metrics.runs.labels("failure").inc()
+        raise
+    metrics.runs.labels("success").inc()
+    metrics.last_success.set_to_current_time()
+    return rows
+
+
+def run_once(settings: Settings, model: IrisModel, metrics: JobMetrics) -> int:
     started = time.perf_counter()
     log.info("batch start", extra={"threads": settings.threads, "chunk_size": settings.chunk_size})
     conn = db.connect(settings)
@@ -231,7 +258,8 @@ def run(settings: Settings, model: IrisModel) -> int:
     claims, stop = Claims(), threading.Event()
     with ThreadPoolExecutor(settings.threads, thread_name_prefix="chunk") as pool:
         futures = [
-            pool.submit(worker, settings, model, claims, stop) for _ in range(settings.threads)
+            pool.submit(worker, settings, model, claims, stop, metrics)
+            for _ in range(settings.threads)
         ]
     results = [f.result() for f in futures]  # re-raises the first failure, if any
     rows, quarantined = sum(r[0] for r in results), sum(r[1] for r in results)
@@ -255,9 +283,13 @@ def main() -> int:
     jsonlog.setup()
     settings = Settings.from_env()
     model = IrisModel(settings.model_filepath, settings.label_filepath)
+    disable_created_metrics()  # no *_created series: nothing reads them
+    metrics = JobMetrics(CollectorRegistry())  # one registry for every thread of this process
     if args.once:
+        # No metrics server: the process is gone before anyone could scrape it. The API's
+        # table gauges still show the rows waiting and the oldest one's age (see README).
         try:
-            run(settings, model)
+            run(settings, model, metrics)
         except Exception:
             log.exception("batch failed")
             return 1
@@ -268,10 +300,13 @@ def main() -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, settings.host, registry=metrics.registry)
+        log.info("metrics", extra={"port": settings.metrics_port})
     log.info("waiting for the first batch", extra={"seconds": settings.interval})
     while not stopping.wait(settings.interval):
         try:
-            run(settings, model)
+            run(settings, model, metrics)
         except Exception:
             log.exception("batch failed; retrying at the next interval")
     log.info("stopped")

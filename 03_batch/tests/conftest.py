@@ -80,6 +80,7 @@ def env_for(settings: Settings, **extra) -> dict:
         MYSQL_PASSWORD=settings.mysql_password,
         MYSQL_DATABASE=settings.mysql_database,
         API_KEY="",  # off unless a test turns it on
+        METRICS_PORT="0",  # the job's metrics server: off unless a test gives it a free port
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env
