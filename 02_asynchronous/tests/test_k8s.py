@@ -310,3 +310,23 @@ def test_proxy_scales_on_cpu_and_keeps_one_pod_through_a_drain(objects):
     assert pdbs["proxy"]["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "a drain proceeds"
     tf = workloads(objects)["tensorflow-serving"]["spec"]
     assert pdbs["tensorflow-serving"]["spec"]["minAvailable"] < tf["replicas"]
+
+
+def test_the_kustomization_command_makes_the_model_configmap_the_pod_mounts(objects):
+    """kustomization.yaml's `kubectl create configmap iris-model ...`, run client side only: its
+    keys are exactly the items tfserving.yaml mounts, and it fits a ConfigMap."""
+    comment = (K8S / "kustomization.yaml").read_text()
+    command = re.search(r"create configmap iris-model \\\n#\s+(.*)\n", comment)[1].split()
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "kubectl"), "create", "configmap", "iris-model", *command]
+        + ["--dry-run=client", "-o", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    created = json.loads(done.stdout)
+    keys = set(created.get("data", {})) | set(created.get("binaryData", {}))
+    (volume,) = [v for v in pod(objects, "tensorflow_serving")["volumes"] if v["name"] == "model"]
+    assert {item["key"] for item in volume["configMap"]["items"]} == keys
+    assert len(done.stdout.encode()) < 1024 * 1024, "a ConfigMap holds 1 MiB at most"
