@@ -1,5 +1,6 @@
 """The compose stack for real: the walkthrough, three job containers sharing 20,000 rows, MySQL
-restarted under a running job, and a job crashed mid-run. Run by `make containers`
+restarted under a running job, a job crashed mid-run, and the monitoring profile's Prometheus
+scraping the API and every job container. Run by `make containers`
 (../.ci/containers/chapter.sh), which brings the stack up healthy first, sets COMPOSE (a command
 prefix for this stack) and takes it down afterwards. The tests run in this order: the walkthrough
 needs the new stack's empty table (its ids start at 1).
@@ -16,6 +17,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -303,3 +305,62 @@ def test_a_killed_job_leaves_whole_chunks_and_is_restarted():
         assert nothing_waiting(url)
     finally:
         restore_jobs()
+
+
+def prometheus_api(base: str, path: str, **params: str) -> dict:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"{base}/api/v1/{path}?{query}", timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def targets_up(base: str) -> Counter | None:
+    """Active targets per scrape job, once every one of them is up."""
+    try:
+        active = prometheus_api(base, "targets", state="active")["activeTargets"]
+    except OSError:
+        return None  # not answering yet
+    if not active or any(t["health"] != "up" for t in active):
+        return None
+    return Counter(t["labels"]["job"] for t in active)
+
+
+def promql(base: str, query: str) -> list[dict]:
+    return prometheus_api(base, "query", query=query)["result"]
+
+
+def test_the_monitoring_profile_scrapes_every_role_and_every_job():
+    url = api_url()
+    monitoring = ("--profile", "monitoring")
+    # chapter.sh brings the stack up without profiles: this starts the profile's one service.
+    compose(*monitoring, "up", "-d", "--wait", "--pull", "never", "prometheus")
+    try:
+        base = "http://" + compose(*monitoring, "port", "prometheus", "9090").strip()
+        one_each = Counter(api=1, job=1, prometheus=1)
+        until(lambda: targets_up(base) == one_each, what=f"targets {dict(one_each)} up")
+        assert nothing_waiting(url)
+        start_jobs(3, INTERVAL=1, CHUNK_SIZE=500)  # fresh containers: their counters start at 0
+        try:
+            # dns_sd_configs re-reads the name `job` every 5 s: each container is a target.
+            three = Counter(api=1, job=3, prometheus=1)
+            until(lambda: targets_up(base) == three, what="three job targets up")
+            first, last = register(url, BATCH)
+            until(lambda: predicted(first, last) == BATCH, what=f"{BATCH} rows predicted")
+
+            def seen(query: str, expected: float) -> bool:
+                result = promql(base, query)
+                return len(result) == 1 and float(result[0]["value"][1]) == expected
+
+            until(lambda: seen("sum(batch_rows_predicted_total)", BATCH), what="rows predicted")
+            until(lambda: seen("batch_rows_unpredicted", 0), what="nothing waiting")
+            per_job = promql(base, "batch_rows_predicted_total")
+            NOTES.append(
+                f"monitoring: targets {dict(targets_up(base))}; rows predicted per job target"
+                f" {sorted(int(float(r['value'][1])) for r in per_job)}"
+            )
+        finally:
+            restore_jobs()
+        until(lambda: targets_up(base) == one_each, what="back to one job target")
+    finally:
+        compose(*monitoring, "rm", "--stop", "--force", "--volumes", "prometheus")
