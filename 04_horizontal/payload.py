@@ -6,6 +6,9 @@ on its own. Both answer 422 {"error": "..."} for a body this module rejects.
 
 import json
 import math
+from typing import TypeVar
+
+T = TypeVar("T")
 
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 SAMPLE = [[5.1, 3.5, 1.4, 0.2]]  # a setosa flower, for the */test endpoints and the docs
@@ -83,11 +86,16 @@ def _row(index: int, row: object) -> list[float]:
     return values
 
 
-def one_or_many(per_row: list) -> object:
+def one_or_many(per_row: list[T]) -> T | list[T]:
     """The specification's shape: a single row answers with its value, several rows with a list."""
     return per_row[0] if len(per_row) == 1 else per_row
 
 
-def per_row(answer: object, rows: int) -> list:
-    """The inverse of one_or_many, for a caller that knows how many rows it sent."""
-    return [answer] if rows == 1 else list(answer)
+def per_row(answer: object, rows: int) -> list[object]:
+    """The inverse of one_or_many, for a caller that knows how many rows it sent; TypeError if
+    several rows were sent and the answer is not a list."""
+    if rows == 1:
+        return [answer]
+    if not isinstance(answer, list):
+        raise TypeError(f"expected a list of {rows} rows, got {type(answer).__name__}")
+    return answer

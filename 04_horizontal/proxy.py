@@ -13,10 +13,13 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NotRequired, TypedDict, TypeGuard
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from payload import INPUT_SCHEMA, MAX_BODY_BYTES, SAMPLE, one_or_many, parse_rows, per_row
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from serving import LATENCY_BUCKETS, ServerSettings, read_body, serve, web_app
@@ -34,7 +37,7 @@ DEFAULT_SERVICES = (
 
 def parse_services(text: str) -> dict[str, str]:
     """Parse SERVICES, "name=url,name=url", into {name: url}; the name is the label it votes for."""
-    services = {}
+    services: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, url = item.partition("=")
         if not sep or not name.strip() or not url.strip().startswith(("http://", "https://")):
@@ -71,7 +74,7 @@ class Answer:
     """What one service said: its JSON object, or why there is none (a stable, short reason for
     the caller, and one of REASONS for the metrics)."""
 
-    body: dict | None = None
+    body: dict[str, object] | None = None  # a JSON object
     error: str | None = None
     reason: str | None = None
 
@@ -119,24 +122,28 @@ def is_probability(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
 
 
+def is_pair(value: object) -> TypeGuard[list[float]]:
+    return isinstance(value, list) and len(value) == 2 and all(map(is_probability, value))
+
+
 def predictions(answer: Answer, rows: int) -> list[list[float]] | None:
     """[P(class), P(not class)] for each row, or None when the service gave no usable answer."""
+    if answer.body is None:
+        return None
     try:
-        pairs = per_row(answer.body["prediction"], rows)
+        answered = per_row(answer.body["prediction"], rows)
     except (KeyError, TypeError):
         return None
-    valid = all(
-        isinstance(pair, list) and len(pair) == 2 and all(map(is_probability, pair))
-        for pair in pairs
-    )
-    return pairs if valid and len(pairs) == rows else None
+    pairs = [pair for pair in answered if is_pair(pair)]
+    return pairs if len(pairs) == len(answered) == rows else None
 
 
 async def read_capped(response: aiohttp.ClientResponse) -> bytes:
     """The body, refused as soon as it passes MAX_BODY_BYTES (counted after decompression)."""
     if (response.content_length or 0) > MAX_BODY_BYTES:
         raise TooLarge
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in response.content.iter_any():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
@@ -153,7 +160,10 @@ class FanOut:
         self.metrics = metrics
         self.timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self.lifetime_s = settings.connection_lifetime_s
-        self.first_used: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> t
+        # A connection's first use, by time.monotonic().
+        self.first_used: weakref.WeakKeyDictionary[ResponseHandler, float] = (
+            weakref.WeakKeyDictionary()
+        )
         # The proxy's own API_KEY, if set, is what it shows every service (never the caller's).
         api_key = settings.server.api_key
         self.session = aiohttp.ClientSession(
@@ -166,7 +176,9 @@ class FanOut:
                 # Each new connection goes to the next address the name resolved to (aiohttp
                 # takes them in turn); the answer is kept this long, so a replica added or
                 # removed is seen within it.
-                ttl_dns_cache=settings.connection_lifetime_s,
+                # A float is what aiohttp's DNS cache keeps and compares (_DNSCacheTable(ttl:
+                # float)); only TCPConnector's annotation says int. Tests use 0.3 s.
+                ttl_dns_cache=settings.connection_lifetime_s,  # type: ignore[arg-type]
             ),
             timeout=self.timeout,
             headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
@@ -235,13 +247,26 @@ class FanOut:
         return Answer(error=error, reason=reason)
 
 
+class Label(TypedDict):
+    """One row's answer from /predict/label."""
+
+    proba: float
+    label: str
+
+
+class LabelAnswer(TypedDict):
+    prediction: Label | list[Label]  # one row, or several
+    missing: NotRequired[dict[str, str]]  # service name -> why it gave no answer
+
+
 def sort_out(
     answers: dict[str, Answer], rows: int, metrics: FanOutMetrics
-) -> tuple[dict[str, list], dict[str, str]]:
+) -> tuple[dict[str, list[list[float]]], dict[str, str]]:
     """Split the answers into usable predictions by name and the reasons of the services without
     one. Only checked numbers go back to the caller, never a service's body as it came. A JSON
     object without one prediction per row is counted as invalid_answer here."""
-    usable, missing = {}, {}
+    usable: dict[str, list[list[float]]] = {}
+    missing: dict[str, str] = {}
     for name, answer in answers.items():
         pairs = predictions(answer, rows)
         if pairs is not None:
@@ -262,7 +287,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     metrics = FanOutMetrics(registry, settings.services)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # One session (one connection pool) for the life of the app, never one per request.
         app.state.fan_out = FanOut(settings, metrics)
         log.info("services: %s", settings.services)
@@ -270,7 +295,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await app.state.fan_out.close()
 
     def fan_out(request: Request) -> FanOut:
-        return request.app.state.fan_out
+        fan_out: FanOut = request.app.state.fan_out  # set by lifespan
+        return fan_out
 
     def no_answer(missing: dict[str, str]) -> JSONResponse:
         return JSONResponse({"error": "no service answered", "missing": missing}, status_code=502)
@@ -308,7 +334,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
           "401": {$ref: "#/components/responses/Unauthorized"}
         """
         answers = await fan_out(request).all("GET", "/health")
-        report = {}
+        report: dict[str, dict[str, str]] = {}
         for name, a in answers.items():
             if a.body is not None and a.body.get("health") == "ok":
                 report[name] = {"health": "ok"}
@@ -405,12 +431,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         votes, missing = sort_out(answers, len(rows), metrics)
         if not votes:
             return no_answer(missing)
-        labels = []
+        labels: list[Label] = []
         for i in range(len(rows)):
             # Each service gives P(its class); the label is the service most sure of its own class.
             best = max(votes, key=lambda name: votes[name][i][0])
             labels.append({"proba": votes[best][i][0], "label": best})
-        result = {"prediction": one_or_many(labels)}
+        result: LabelAnswer = {"prediction": one_or_many(labels)}
         if missing:
             result["missing"] = missing
         return JSONResponse(result)

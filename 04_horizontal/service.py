@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,8 @@ class BinaryClassifier:
 
     def predict(self, rows: list[list[float]]) -> list[list[float]]:
         (proba,) = self.session.run(["probabilities"], {"input": np.asarray(rows, np.float32)})
-        return np.round(proba.astype(np.float64), 6).tolist()
+        pairs: list[list[float]] = np.round(proba.astype(np.float64), 6).tolist()
+        return pairs
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -81,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         labels = json.loads((settings.model_dir / "label.json").read_text()).values()
         if settings.mode not in labels:
             raise RuntimeError(f"MODE={settings.mode!r} is not one of {sorted(labels)}")

@@ -1,11 +1,15 @@
 """What the service and the proxy share: settings, JSON logs on stdout, the app shell, uvicorn."""
 
+import asyncio
 import hmac
 import json
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import uvicorn
 from payload import MAX_BODY_BYTES, OPENAPI_SCHEMAS, BadInput
@@ -20,9 +24,11 @@ from prometheus_client import (
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # Slow or greedy clients (the README's "Limits" table says why these numbers).
@@ -71,7 +77,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, so logs can be read by a collector as well as by a person."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             "level": record.levelname,
             "logger": record.name,
@@ -85,7 +91,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def log_config(level: str) -> dict:
+def log_config(level: str) -> dict[str, Any]:  # the shape logging.config.dictConfig takes
     """A logging.config dict for uvicorn: its own loggers and ours all go to stdout as JSON."""
     return {
         "version": 1,
@@ -115,7 +121,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     body, must arrive within REQUEST_READ_TIMEOUT_S, and headers within MAX_HEADER_BYTES.
     """
 
-    def connection_made(self, transport) -> None:
+    header_bytes: int
+    read_timer: asyncio.TimerHandle | None
+
+    def connection_made(  # type: ignore[override]  # uvicorn's own narrowing of asyncio's type
+        self, transport: asyncio.Transport
+    ) -> None:
         super().connection_made(transport)
         self.header_bytes = 0
         self.read_timer = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self.transport.close)
@@ -144,7 +155,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.stop_read_timer()
         super().on_message_complete()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.stop_read_timer()
         super().connection_lost(exc)
 
@@ -154,7 +165,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.read_timer = None
 
 
-def serve(create_app, settings) -> None:
+class HasServerSettings(Protocol):
+    @property
+    def server(self) -> ServerSettings: ...
+
+
+AppSettings = TypeVar("AppSettings", bound=HasServerSettings)
+
+
+def serve(create_app: Callable[[AppSettings], Starlette], settings: AppSettings) -> None:
     """Run create_app(settings) under uvicorn; settings.server says where and how to log."""
     server = settings.server
     # No *_created series: a third more lines per scrape, and nothing here reads them.
@@ -174,14 +193,15 @@ def serve(create_app, settings) -> None:
     )
 
 
-async def read_body(request) -> bytes:
+async def read_body(request: Request) -> bytes:
     """The request body, refused with a 413 as soon as it passes MAX_BODY_BYTES: counted while
     it streams in, so a huge or endless body is never held in memory. (Starlette's own
     max_body_size answers in plain text whenever Content-Length is too large.)"""
     too_large = HTTPException(413, f"body larger than {MAX_BODY_BYTES} bytes")
     if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
         raise too_large
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
@@ -195,29 +215,30 @@ def error(status_code: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status_code)
 
 
-async def bad_input(request, exc: Exception) -> JSONResponse:
+async def bad_input(request: Request, exc: Exception) -> JSONResponse:
     """Starlette exception handler for payload.BadInput: a clear 422, never a 500."""
     return error(422, str(exc))
 
 
-async def server_error(request, exc: Exception) -> JSONResponse:
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug is still answered in the chapter's error shape (uvicorn logs the traceback)."""
     return error(500, "internal error")
 
 
-async def http_error(request, exc: HTTPException) -> JSONResponse:
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
     """404, 405 and 413, in the same shape as every other error."""
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only (web_app)
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 class RequireApiKey:
     """When API_KEY is set, every path but OPEN_PATHS needs "Authorization: Bearer <key>"."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):  # constant time: leaks no prefix
@@ -236,7 +257,7 @@ class HttpMetrics:
     no route matches is "unmatched", so no client can create a series.
     """
 
-    def __init__(self, app, registry: CollectorRegistry, routes: list):
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry, routes: Sequence[Route]):
         self.app = app
         self.routes = routes
         self.requests = Counter(
@@ -253,7 +274,7 @@ class HttpMetrics:
             buckets=LATENCY_BUCKETS,
         )
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -268,7 +289,7 @@ class HttpMetrics:
             self.duration.labels(method, route).observe(time.perf_counter() - started)
             self.requests.labels(method, route, str(status)).inc()
 
-        async def send_and_count(message) -> None:
+        async def send_and_count(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -282,14 +303,14 @@ class HttpMetrics:
             if not counted:  # the app raised, or the client left before the end
                 count()
 
-    def route_of(self, scope) -> str:
-        route = scope.get("route")
+    def route_of(self, scope: Scope) -> str:
+        route: Route | None = scope.get("route")  # the router's match: one of self.routes
         if route is None:
             route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
         return route.path if route is not None else "unmatched"
 
 
-async def health(request) -> JSONResponse:
+async def health(request: Request) -> JSONResponse:
     """Is this process up?
     ---
     responses:
@@ -307,11 +328,11 @@ async def health(request) -> JSONResponse:
 
 
 def web_app(
-    routes: list,
-    lifespan,
+    routes: list[Route],
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
     server: ServerSettings,
-    info: dict,
-    components: dict,
+    info: dict[str, str],
+    components: Mapping[str, Mapping[str, object]],
     registry: CollectorRegistry,
 ) -> Starlette:
     """A Starlette app with /health, /openapi.json, /metrics, the optional API key and this
@@ -332,11 +353,11 @@ def web_app(
         }
     )
 
-    async def openapi(request) -> JSONResponse:
+    async def openapi(request: Request) -> JSONResponse:
         # JSON, generated from the routes' docstrings, so it cannot drift from the code.
         return JSONResponse(generator.get_schema(routes=request.app.routes))
 
-    async def metrics(request) -> Response:
+    async def metrics(request: Request) -> Response:
         # Prometheus's text format; left out of the OpenAPI document, as /openapi.json is.
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
