@@ -26,6 +26,8 @@ BODY = json.dumps({"data": [[5.1, 3.5, 1.4, 0.2]]}).encode()
 HEADERS = {"Content-Type": "application/json"}
 ROUNDS = 5
 
+Results = dict[tuple[str, int], dict[str, float]]  # (target, concurrency) -> Tally.summary()
+
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of these processes so far, from /proc (Linux)."""
@@ -45,12 +47,12 @@ def own_cpu_seconds() -> float:
 class Tally:
     """Latencies, wall time, errors and CPU time of one target, summed over its rounds."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.latencies: list[float] = []
         self.errors = 0
         self.wall = self.proxy_cpu = self.services_cpu = self.client_cpu = 0.0
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, float]:
         done = sorted(self.latencies)
         return {
             "requests": len(done),
@@ -64,13 +66,20 @@ class Tally:
         }
 
 
-async def measure(session, url: str, concurrency: int, requests: int, seconds: float, tally):
+async def measure(
+    session: aiohttp.ClientSession,
+    url: str,
+    concurrency: int,
+    requests: int,
+    seconds: float,
+    tally: Tally,
+) -> None:
     """Keep `concurrency` requests in flight until `requests` are done or `seconds` have passed."""
     started = time.perf_counter()
     deadline = started + seconds
     issued = 0
 
-    async def worker():
+    async def worker() -> None:
         nonlocal issued
         while issued < requests and time.perf_counter() < deadline:
             issued += 1
@@ -86,12 +95,14 @@ async def measure(session, url: str, concurrency: int, requests: int, seconds: f
     tally.wall += time.perf_counter() - started
 
 
-async def bench(targets: dict[str, str], proxy_pid: int, service_pids: list[int], args) -> dict:
+async def bench(
+    targets: dict[str, str], proxy_pid: int, service_pids: list[int], args: argparse.Namespace
+) -> Results:
     # One client session, enough connections for the highest concurrency.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         for url in targets.values():  # warm up connections and the services' models
             await measure(session, url, 10, 300, 10, Tally())
-        results = {}
+        results: Results = {}
         for concurrency, requests in ((1, args.requests_c1), (50, args.requests_c50)):
             tallies = {name: Tally() for name in targets}
             for _ in range(ROUNDS):
@@ -110,7 +121,9 @@ async def bench(targets: dict[str, str], proxy_pid: int, service_pids: list[int]
         return results
 
 
-def report(results: dict, targets: dict, args, load_before: float) -> None:
+def report(
+    results: Results, targets: dict[str, str], args: argparse.Namespace, load_before: float
+) -> None:
     print(
         f"{os.cpu_count()} cores shared with other work, load average {load_before:.2f} before"
         f" the run, access log {'on' if args.access_log else 'off'},"
@@ -186,7 +199,7 @@ def main() -> None:
         results = uvloop.run(bench(targets, proxy.popen.pid, service_pids, args))
     finally:
         for process in processes:
-            process.kill()
+            process.stop()
     report(results, targets, args, load_before)
 
 

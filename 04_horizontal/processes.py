@@ -21,7 +21,8 @@ CLASSES = ("setosa", "versicolor", "virginica")
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # (host, port) for AF_INET
+        return port
 
 
 @dataclass
@@ -29,8 +30,8 @@ class Process:
     name: str
     script: str
     url: str
-    env: dict = field(repr=False)
-    popen: subprocess.Popen | None = None
+    env: dict[str, str] = field(repr=False)
+    popen: subprocess.Popen[bytes] = field(init=False, repr=False)  # set by spawn()
 
     def spawn(self) -> "Process":
         self.popen = subprocess.Popen(
@@ -43,12 +44,24 @@ class Process:
         return self
 
     def kill(self) -> None:
+        """A crash: SIGKILL, nothing runs in the process any more."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGKILL)
         self.popen.wait(timeout=10)
 
+    def stop(self, timeout: float = 10) -> None:
+        """A normal stop, as an orchestrator does it: SIGTERM, on which uvicorn finishes its
+        requests and exits (and coverage, under `make test`, saves what the process ran);
+        SIGKILL if it is still running after timeout seconds."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
-def start(script: str, name: str, env: dict) -> Process:
+
+def start(script: str, name: str, env: dict[str, str]) -> Process:
     port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env}
     return Process(name, script, f"http://127.0.0.1:{port}", env).spawn()
@@ -71,7 +84,9 @@ def wait_healthy(*processes: Process, timeout: float = 60) -> None:
             time.sleep(0.1)
 
 
-def start_services(env_for: dict | None = None, **common_env: str) -> dict[str, Process]:
+def start_services(
+    env_for: dict[str, dict[str, str]] | None = None, /, **common_env: str
+) -> dict[str, Process]:
     """One service per class; env_for={"virginica": {...}} adds settings for one of them."""
     env_for = env_for or {}
     return {

@@ -13,6 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -48,7 +49,7 @@ def proxy_url() -> str:
     return "http://" + compose("port", "proxy", "9000").strip()
 
 
-def until(condition, timeout: float = 60, what: str = "condition") -> None:
+def until(condition: Callable[[], object], timeout: float = 60, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
@@ -89,7 +90,7 @@ def readme_answers() -> list[str]:
     return [GONE.sub('"GONE"', line) for line in lines if '"time"' not in line]
 
 
-def test_the_walkthrough_gives_the_readme_answers():
+def test_the_walkthrough_gives_the_readme_answers() -> None:
     env = {**os.environ, "COMPOSE": os.environ["COMPOSE"]}
     done = subprocess.run(
         ["bash", str(HERE / "demo.sh")], capture_output=True, text=True, env=env, timeout=300
@@ -101,7 +102,7 @@ def test_the_walkthrough_gives_the_readme_answers():
     assert all_healthy(proxy_url())  # demo.sh started virginica again
 
 
-def test_replicas_of_a_service_share_its_calls():
+def test_replicas_of_a_service_share_its_calls() -> None:
     proxy = proxy_url()
     compose("up", "-d", "--wait", "--pull", "never", "--no-recreate",
             "--scale", "service_virginica=3")  # fmt: skip
@@ -133,7 +134,7 @@ def test_replicas_of_a_service_share_its_calls():
     assert call(proxy + "/predict/label", ROW) == (200, LABEL)
 
 
-def test_a_stopped_service_is_named_within_its_timeout():
+def test_a_stopped_service_is_named_within_its_timeout() -> None:
     proxy = proxy_url()
     compose("stop", "service_setosa")
     try:
@@ -153,7 +154,7 @@ def test_a_stopped_service_is_named_within_its_timeout():
     assert "missing" not in call(proxy + "/predict/label", ROW)[1]
 
 
-def test_a_crashed_service_is_restarted():
+def test_a_crashed_service_is_restarted() -> None:
     proxy = proxy_url()
 
     def starts() -> int:
@@ -177,7 +178,8 @@ def prometheus_get(url: str, path: str, **params: str) -> dict:
     with urllib.request.urlopen(url + path + query, timeout=5) as response:
         answer = json.loads(response.read())
     assert answer["status"] == "success", answer
-    return answer["data"]
+    data: dict = answer["data"]
+    return data
 
 
 def targets_up(prometheus: str) -> Counter:
@@ -189,7 +191,7 @@ def targets_up(prometheus: str) -> Counter:
     return Counter(t["labels"]["job"] for t in targets if t["health"] == "up")
 
 
-def test_prometheus_scrapes_every_role_and_every_replica():
+def test_prometheus_scrapes_every_role_and_every_replica() -> None:
     monitoring = ("--profile", "monitoring")
     proxy = proxy_url()
     compose(*monitoring, "up", "-d", "--wait", "--pull", "never", "prometheus")
@@ -208,7 +210,8 @@ def test_prometheus_scrapes_every_role_and_every_replica():
             def traffic_seen() -> list:
                 assert call(proxy + "/predict/label", ROW) == (200, LABEL)
                 rate = "sum(rate(http_requests_total{job='proxy', route='/predict/label'}[1m])) > 0"
-                return prometheus_get(prometheus, "/api/v1/query", query=rate)["result"]
+                result: list = prometheus_get(prometheus, "/api/v1/query", query=rate)["result"]
+                return result
 
             until(traffic_seen, what="the proxy's request rate in Prometheus")
         finally:

@@ -31,7 +31,8 @@ def objects() -> list[dict]:
         [sys.executable, str(CHECK), str(CHAPTER)], capture_output=True, text=True
     )
     assert done.returncode == 0, f"{CHECK.name} failed:\n{done.stderr}"
-    return json.loads(done.stdout)
+    rendered: list[dict] = json.loads(done.stdout)
+    return rendered
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +70,20 @@ def container_env(container: dict, configmaps: dict[str, dict]) -> dict[str, str
 
 def health_path(compose_service: dict) -> str:
     test = " ".join(compose_service["healthcheck"]["test"])
-    return re.search(r"http://127\.0\.0\.1:[^/']+(/[\w/.-]*)", test)[1]
+    match = re.search(r"http://127\.0\.0\.1:[^/']+(/[\w/.-]*)", test)
+    assert match, test
+    return match[1]
 
 
-def test_every_compose_service_is_a_deployment_and_a_service(objects, compose):
+def services_setting(setting: str | None) -> dict[str, str]:
+    """SERVICES, "name=url,name=url", as {name: url}."""
+    assert setting, "SERVICES is not set"
+    return {name: url for name, _, url in (item.partition("=") for item in setting.split(","))}
+
+
+def test_every_compose_service_is_a_deployment_and_a_service(
+    objects: list[dict], compose: dict
+) -> None:
     deployments = by_kind(objects, "Deployment")
     # Kubernetes names are DNS labels: service_setosa becomes service-setosa.
     assert set(deployments) == {name.replace("_", "-") for name in compose}
@@ -90,7 +101,9 @@ def test_every_compose_service_is_a_deployment_and_a_service(objects, compose):
         assert metric["resource"]["name"] == "cpu"
 
 
-def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
+def test_same_images_commands_ports_env_and_health_as_compose(
+    objects: list[dict], compose: dict
+) -> None:
     deployments = by_kind(objects, "Deployment")
     configmaps = by_kind(objects, "ConfigMap")
     commands = image_commands()
@@ -116,24 +129,25 @@ def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
         assert mounts == compose_mounts, name
 
 
-def test_services_setting_names_the_cluster_services(objects, compose):
+def test_services_setting_names_the_cluster_services(objects: list[dict], compose: dict) -> None:
     """Same names and ports as compose's SERVICES, each host a Service of the manifests whose
     port is the one the URL calls, and whose pods listen there."""
     services = by_kind(objects, "Service")
     (proxy,) = by_kind(objects, "Deployment")["proxy"]["spec"]["template"]["spec"]["containers"]
     env = container_env(proxy, by_kind(objects, "ConfigMap"))
-    ours = dict(item.split("=") for item in env["SERVICES"].split(","))
-    compose_services = compose["proxy"]["environment"]["SERVICES"]
-    theirs = dict(item.split("=") for item in compose_services.split(","))
+    ours = services_setting(env["SERVICES"])
+    theirs = services_setting(compose["proxy"]["environment"]["SERVICES"])
     assert list(ours) == list(theirs)
     for label, url in ours.items():
-        host, port = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url).groups()
+        match = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url)
+        assert match, url
+        host, port = match.groups()
         assert host in services, url
         assert services[host]["spec"]["ports"][0]["port"] == int(port), url
         assert theirs[label].endswith(f":{port}"), url
 
 
-def test_each_specialist_mounts_its_own_model_from_models(objects):
+def test_each_specialist_mounts_its_own_model_from_models(objects: list[dict]) -> None:
     """The keys the pods expect are files of ../models, the ones the README's
     `kubectl create configmap iris-models --from-file=...` puts in."""
     for name, deployment in by_kind(objects, "Deployment").items():
@@ -148,7 +162,7 @@ def test_each_specialist_mounts_its_own_model_from_models(objects):
             assert (CHAPTER.parent / "models" / key).is_file(), key
 
 
-def test_pods_are_scraped_where_metrics_are_served(objects):
+def test_pods_are_scraped_where_metrics_are_served(objects: list[dict]) -> None:
     for name, deployment in by_kind(objects, "Deployment").items():
         template = deployment["spec"]["template"]
         annotations = template["metadata"]["annotations"]

@@ -5,7 +5,7 @@ import urllib.request
 
 import proxy as proxy_app
 import service as service_app
-from conftest import call
+from conftest import Cluster, MakeProxy, MakeRecorder, MakeService, call
 from processes import CLASSES, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,7 +38,7 @@ def labels(**items: str) -> frozenset:
     return frozenset(items.items())
 
 
-def test_counters_move_by_exactly_the_requests_sent(cluster):
+def test_counters_move_by_exactly_the_requests_sent(cluster: Cluster) -> None:
     proxy, services = cluster.proxy.url, {n: p.url for n, p in cluster.services.items()}
     before = scrape(proxy)
     before_services = {name: scrape(url) for name, url in services.items()}
@@ -86,7 +86,9 @@ def test_counters_move_by_exactly_the_requests_sent(cluster):
         assert inference == {labels(): 5}, name
 
 
-def test_failures_are_counted_by_service_and_reason(service_with, recorder, proxy_for):
+def test_failures_are_counted_by_service_and_reason(
+    service_with: MakeService, recorder: MakeRecorder, proxy_for: MakeProxy
+) -> None:
     slow = service_with(TEST_DELAY_MS="3000")
     services = {
         "setosa": service_with().url,
@@ -128,7 +130,7 @@ def test_failures_are_counted_by_service_and_reason(service_with, recorder, prox
     assert call(proxy_for({"gone": services["gone"]}).url + "/predict", {"data": [ROW]})[0] == 502
 
 
-def test_metrics_need_the_api_key_when_one_is_set(service_with):
+def test_metrics_need_the_api_key_when_one_is_set(service_with: MakeService) -> None:
     service = service_with(API_KEY="metrics-key")
     key = {"Authorization": "Bearer metrics-key"}
     assert call(service.url + "/metrics")[0] == 401
@@ -139,7 +141,7 @@ def test_metrics_need_the_api_key_when_one_is_set(service_with):
     assert after["http_requests_total", labels(method="GET", route="/metrics", status="401")] == 1
 
 
-def test_each_app_has_its_own_registry():
+def test_each_app_has_its_own_registry() -> None:
     """Two apps of each kind in one process: with the process-wide registry, the second would
     fail with "Duplicated timeseries"."""
     for _ in range(2):

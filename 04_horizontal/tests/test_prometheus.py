@@ -5,15 +5,18 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from conftest import call
+from conftest import ClusterWith, call
 from processes import free_port
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 ROW = {"data": [[6.5, 3.0, 5.5, 2.0]]}
+T = TypeVar("T")
 
 pytestmark = pytest.mark.skipif(
     not PROMETHEUS.exists(), reason="/usr/bin/prometheus missing: apt-get install prometheus"
@@ -21,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @contextmanager
-def prometheus(targets: dict[str, str], directory: Path):
+def prometheus(targets: dict[str, str], directory: Path) -> Iterator[str]:
     """Prometheus on a free loopback port, scraping each job's URL every second; always stopped."""
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -56,11 +59,12 @@ def prometheus(targets: dict[str, str], directory: Path):
             server.wait()
 
 
-def ready(url: str, server: subprocess.Popen) -> bool:
+def ready(url: str, server: subprocess.Popen[bytes]) -> bool:
     assert server.poll() is None, "Prometheus exited: see prometheus.log in the test's tmp_path"
     try:
         with urllib.request.urlopen(url + "/-/ready", timeout=2) as response:
-            return response.status == 200
+            status: int = response.status
+            return status == 200
     except OSError:
         return False
 
@@ -72,10 +76,16 @@ def query(url: str, promql: str) -> list[dict]:
     ) as response:
         answer = json.loads(response.read())
     assert answer["status"] == "success", answer
-    return answer["data"]["result"]
+    result: list[dict] = answer["data"]["result"]
+    return result
 
 
-def until(condition, timeout: float = 45, what: str = "condition", then=None):
+def until(
+    condition: Callable[[], T],
+    timeout: float = 45,
+    what: str = "condition",
+    then: Callable[[], None] | None = None,
+) -> T:
     """Poll condition() until it is truthy (calling then() between tries); return its value."""
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -86,7 +96,9 @@ def until(condition, timeout: float = 45, what: str = "condition", then=None):
     return value
 
 
-def test_prometheus_sees_the_traffic_and_a_stopped_service(cluster_with, tmp_path):
+def test_prometheus_sees_the_traffic_and_a_stopped_service(
+    cluster_with: ClusterWith, tmp_path: Path
+) -> None:
     cluster = cluster_with(proxy_env={"SERVICE_TIMEOUT_S": "2"})
     jobs = {"proxy": cluster.proxy.url}
     jobs.update({f"service_{name}": process.url for name, process in cluster.services.items()})
@@ -94,7 +106,7 @@ def test_prometheus_sees_the_traffic_and_a_stopped_service(cluster_with, tmp_pat
         up = until(lambda: len(query(prom, "up == 1")) == len(jobs), what="every target up")
         assert up
 
-        def traffic():
+        def traffic() -> None:
             assert call(cluster.proxy.url + "/predict/label", ROW)[0] == 200
 
         rate = 'sum(rate(http_requests_total{job="proxy", route="/predict/label"}[1m])) > 0'

@@ -3,11 +3,13 @@
 import csv
 import json
 import time
+from typing import Any
 
 import pytest
-from conftest import connect, status_line
+from conftest import Cluster, ClusterWith, Http, MakeProxy, MakeRecorder, connect, status_line
 from payload import MAX_BODY_BYTES
 from processes import CLASSES, HERE, free_port, wait_healthy
+from proxy import parse_services
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 
@@ -20,14 +22,30 @@ def iris() -> tuple[list[list[float]], list[str]]:
     return features, [labels[r["target"]] for r in rows]
 
 
-def test_health_and_health_of_every_service(cluster, http):
+def test_the_services_setting_is_parsed_and_a_malformed_one_refused() -> None:
+    assert parse_services(" a=http://h:1/ , b=https://h:2,") == {
+        "a": "http://h:1",
+        "b": "https://h:2",
+    }
+    for setting, problem in [
+        ("", "at least one name=url"),
+        ("a", "expected name=http://host:port"),
+        ("=http://h:1", "expected name=http://host:port"),
+        ("a=h:1", "expected name=http://host:port"),
+        ("a=http://h:1,a=http://h:2", "'a' is listed twice"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            parse_services(setting)
+
+
+def test_health_and_health_of_every_service(cluster: Cluster, http: Http) -> None:
     assert http(cluster.proxy.url + "/health") == (200, {"health": "ok"})
     status, body = http(cluster.proxy.url + "/health/all")
     assert status == 200
     assert body == {name: {"health": "ok"} for name in CLASSES}
 
 
-def test_metadata_names_the_services_but_not_their_addresses(cluster, http):
+def test_metadata_names_the_services_but_not_their_addresses(cluster: Cluster, http: Http) -> None:
     status, body = http(cluster.proxy.url + "/metadata")
     assert status == 200
     assert body["services"] == list(CLASSES)
@@ -35,7 +53,7 @@ def test_metadata_names_the_services_but_not_their_addresses(cluster, http):
     assert "127.0.0.1" not in json.dumps(body)
 
 
-def test_predict_returns_every_service_output_keyed_by_name(cluster, http):
+def test_predict_returns_every_service_output_keyed_by_name(cluster: Cluster, http: Http) -> None:
     status, body = http(cluster.proxy.url + "/predict", {"data": [SETOSA]})
     assert status == 200
     assert set(body) == set(CLASSES)
@@ -43,7 +61,7 @@ def test_predict_returns_every_service_output_keyed_by_name(cluster, http):
     assert body["setosa"]["prediction"][0] > 0.9
 
 
-def test_get_and_post_test_endpoints_answer_for_every_service(cluster, http):
+def test_get_and_post_test_endpoints_answer_for_every_service(cluster: Cluster, http: Http) -> None:
     for status, body in (
         http(cluster.proxy.url + "/predict/get/test"),
         http(cluster.proxy.url + "/predict/post/test", b""),
@@ -52,7 +70,7 @@ def test_get_and_post_test_endpoints_answer_for_every_service(cluster, http):
         assert set(body) == set(CLASSES)
 
 
-def test_label_is_right_for_at_least_95_percent_of_iris(cluster, http):
+def test_label_is_right_for_at_least_95_percent_of_iris(cluster: Cluster, http: Http) -> None:
     features, truth = iris()
     status, body = http(cluster.proxy.url + "/predict/label", {"data": features})
     assert status == 200
@@ -61,7 +79,7 @@ def test_label_is_right_for_at_least_95_percent_of_iris(cluster, http):
     assert accuracy >= 0.95, accuracy
 
 
-def test_one_row_gets_one_label(cluster, http):
+def test_one_row_gets_one_label(cluster: Cluster, http: Http) -> None:
     status, body = http(cluster.proxy.url + "/predict/label", {"data": [SETOSA]})
     assert status == 200
     assert body["prediction"]["label"] == "setosa"
@@ -69,7 +87,9 @@ def test_one_row_gets_one_label(cluster, http):
     assert "missing" not in body
 
 
-def test_requests_go_to_all_services_in_parallel_not_one_after_another(cluster_with, http):
+def test_requests_go_to_all_services_in_parallel_not_one_after_another(
+    cluster_with: ClusterWith, http: Http
+) -> None:
     delay = 0.6
     slow = cluster_with(TEST_DELAY_MS=str(int(delay * 1000)), proxy_env={"SERVICE_TIMEOUT_S": "10"})
     elapsed = []
@@ -82,7 +102,9 @@ def test_requests_go_to_all_services_in_parallel_not_one_after_another(cluster_w
     assert delay <= min(elapsed) < 2 * delay, elapsed
 
 
-def test_a_killed_service_is_named_and_full_answers_return_when_it_is_back(cluster_with, http):
+def test_a_killed_service_is_named_and_full_answers_return_when_it_is_back(
+    cluster_with: ClusterWith, http: Http
+) -> None:
     running = cluster_with(proxy_env={"SERVICE_TIMEOUT_S": "2"})
     proxy = running.proxy.url
     virginica = running.services["virginica"]
@@ -114,7 +136,9 @@ def test_a_killed_service_is_named_and_full_answers_return_when_it_is_back(clust
     assert "missing" not in body
 
 
-def test_a_service_slower_than_its_timeout_is_named_and_the_others_answer(cluster_with, http):
+def test_a_service_slower_than_its_timeout_is_named_and_the_others_answer(
+    cluster_with: ClusterWith, http: Http
+) -> None:
     # A timeout generous enough for the healthy services on a busy machine.
     running = cluster_with(
         env_for={"virginica": {"TEST_DELAY_MS": "20000"}}, proxy_env={"SERVICE_TIMEOUT_S": "2"}
@@ -127,7 +151,9 @@ def test_a_service_slower_than_its_timeout_is_named_and_the_others_answer(cluste
     assert body["missing"] == {"virginica": "no answer within 2.0 s"}
 
 
-def test_a_service_that_answers_an_error_is_named(cluster, recorder, proxy_for, http):
+def test_a_service_that_answers_an_error_is_named(
+    cluster: Cluster, recorder: MakeRecorder, proxy_for: MakeProxy, http: Http
+) -> None:
     broken = recorder(status=500, body={"error": "Traceback at /srv/secret.py"})
     proxy = proxy_for({"setosa": cluster.services["setosa"].url, "broken": broken.url})
     status, body = http(proxy.url + "/predict", {"data": [SETOSA]})
@@ -141,9 +167,10 @@ def test_a_service_that_answers_an_error_is_named(cluster, recorder, proxy_for, 
 
 # A service that answers 200 with something that is not a usable answer: each must be named, the
 # healthy service's answer kept, never a 500 for the whole request.
-MISBEHAVING = {
+MISBEHAVING: dict[str, dict[str, Any]] = {
     "NaN": dict(raw=b'{"prediction": [NaN, 0.5], "health": NaN}'),
     "Infinity": dict(raw=b'{"prediction": [1e400, 0.5], "health": 1e400}'),
+    "no prediction": dict(raw=b'{"answer": [0.5, 0.5]}'),
     "a list": dict(raw=b"[0.5, 0.5]"),
     "a string": dict(raw=b'"ok"'),
     "null": dict(raw=b"null"),
@@ -156,7 +183,13 @@ MISBEHAVING = {
 
 
 @pytest.mark.parametrize("answer", MISBEHAVING.values(), ids=MISBEHAVING.keys())
-def test_a_service_answering_200_with_garbage_is_named(cluster, recorder, proxy_for, http, answer):
+def test_a_service_answering_200_with_garbage_is_named(
+    cluster: Cluster,
+    recorder: MakeRecorder,
+    proxy_for: MakeProxy,
+    http: Http,
+    answer: dict[str, Any],
+) -> None:
     bad = recorder(status=200, **answer)
     proxy = proxy_for({"setosa": cluster.services["setosa"].url, "bad": bad.url})
 
@@ -176,14 +209,18 @@ def test_a_service_answering_200_with_garbage_is_named(cluster, recorder, proxy_
     assert body["bad"]["health"] == "down"
 
 
-def test_what_is_read_from_a_service_is_capped(cluster, recorder, proxy_for, http):
+def test_what_is_read_from_a_service_is_capped(
+    cluster: Cluster, recorder: MakeRecorder, proxy_for: MakeProxy, http: Http
+) -> None:
     big = recorder(status=200, **MISBEHAVING["an endless body"])
     proxy = proxy_for({"setosa": cluster.services["setosa"].url, "big": big.url})
     status, body = http(proxy.url + "/predict", {"data": [SETOSA]})
     assert body["big"] == {"error": f"answer larger than {MAX_BODY_BYTES} bytes"}
 
 
-def test_when_no_service_answers_the_proxy_says_so_with_a_502(proxy_for, http):
+def test_when_no_service_answers_the_proxy_says_so_with_a_502(
+    proxy_for: MakeProxy, http: Http
+) -> None:
     proxy = proxy_for({name: f"http://127.0.0.1:{free_port()}" for name in CLASSES})
     for path in ("/predict", "/predict/label"):
         status, body = http(proxy.url + path, {"data": [SETOSA]})
@@ -196,7 +233,9 @@ def test_when_no_service_answers_the_proxy_says_so_with_a_502(proxy_for, http):
     assert body == {name: {"health": "down", "error": "cannot connect"} for name in CLASSES}
 
 
-def test_a_connection_is_reused_until_its_lifetime_then_made_anew(recorder, proxy_for, http):
+def test_a_connection_is_reused_until_its_lifetime_then_made_anew(
+    recorder: MakeRecorder, proxy_for: MakeProxy, http: Http
+) -> None:
     # One request at a time: a kept-alive connection would serve every one of them for ever, so
     # with replicas behind one name the first replica would get them all.
     answer = {"prediction": [0.5, 0.5], "health": "ok"}
@@ -219,7 +258,9 @@ def test_a_connection_is_reused_until_its_lifetime_then_made_anew(recorder, prox
     "body",
     [b"not json", b'{"data": []}', b'{"data": [[1, 2, 3]]}', b'{"data": [[1, 2, 3, NaN]]}'],
 )
-def test_bad_input_is_a_422_and_no_service_is_called(recorder, proxy_for, http, body):
+def test_bad_input_is_a_422_and_no_service_is_called(
+    recorder: MakeRecorder, proxy_for: MakeProxy, http: Http, body: bytes
+) -> None:
     service = recorder(status=200, body={"prediction": [0.5, 0.5]})
     proxy = proxy_for({"only": service.url})
     for path in ("/predict", "/predict/label"):
@@ -240,7 +281,9 @@ def test_bad_input_is_a_422_and_no_service_is_called(recorder, proxy_for, http, 
     ],
     ids=["deeply nested", "1,001 rows"],
 )
-def test_nested_or_too_many_rows_is_a_422(recorder, proxy_for, http, body):
+def test_nested_or_too_many_rows_is_a_422(
+    recorder: MakeRecorder, proxy_for: MakeProxy, http: Http, body: bytes
+) -> None:
     service = recorder(status=200, body={"prediction": [0.5, 0.5]})
     proxy = proxy_for({"only": service.url})
     status, answer = http(proxy.url + "/predict", body)
@@ -248,7 +291,9 @@ def test_nested_or_too_many_rows_is_a_422(recorder, proxy_for, http, body):
     assert service.requests == []
 
 
-def test_a_body_over_the_cap_is_a_413_before_it_is_read(recorder, proxy_for, http):
+def test_a_body_over_the_cap_is_a_413_before_it_is_read(
+    recorder: MakeRecorder, proxy_for: MakeProxy, http: Http
+) -> None:
     service = recorder(status=200, body={"prediction": [0.5, 0.5]})
     proxy = proxy_for({"only": service.url})
     status, answer = http(proxy.url + "/predict", b" " * (MAX_BODY_BYTES + 1))
