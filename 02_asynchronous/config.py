@@ -6,6 +6,7 @@ import logging.config
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The proxy's HTTP server (uvicorn with httptools, bounds added in proxy.BoundedHttpTools).
 KEEP_ALIVE_TIMEOUT = 5  # seconds an idle keep-alive connection is kept open
@@ -41,6 +42,10 @@ class Settings:
     max_claims: int  # times a job may be taken by a worker that dies or hangs, then it fails
     api_key: str | None = field(repr=False)  # if set, every endpoint but /health needs it
     log_level: str
+    metrics_port: int  # the worker's Prometheus page (the proxy serves GET /metrics on PORT)
+    # prometheus-client's multiprocess directory (NUM_WORKERS > 1); None: a temporary one.
+    metrics_dir: Path | None
+    metrics: bool  # METRICS=0 leaves the proxy's HTTP middleware out (to measure its cost)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -72,6 +77,11 @@ class Settings:
             max_claims=int(env("MAX_CLAIMS", "3")),
             api_key=env("API_KEY") or None,
             log_level=env("LOG_LEVEL", "INFO").upper(),
+            metrics_port=int(env("METRICS_PORT", "8001")),
+            metrics_dir=Path(env("PROMETHEUS_MULTIPROC_DIR"))
+            if env("PROMETHEUS_MULTIPROC_DIR")
+            else None,
+            metrics=env("METRICS", "1") != "0",
         )
 
 

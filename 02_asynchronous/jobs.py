@@ -6,6 +6,7 @@ Keys (every job key expires `job_ttl` seconds after it is written):
     job:{id}:data          the input rows (JSON)
     job:{id}:result        one {prediction, class_name, probabilities} per row (JSON)
     job:{id}:error         why a job failed
+    job:{id}:submitted     when it was submitted (us, by Redis's clock); gone once it is final
     queue:predict          List of pending ids. The head is the RIGHT end: workers take from
                            there, normal jobs join at the left, "high" jobs and requeued jobs
                            jump to the right (so among high jobs the newest goes first).
@@ -16,6 +17,10 @@ Keys (every job key expires `job_ttl` seconds after it is written):
     queue:predict:attempts    Hash: id -> claims not ended cleanly (its worker died or hung)
     jobs:recent               Sorted set: id -> when it was submitted (ms), for GET /jobs; the
                               newest MAX_RECENT only
+
+Submit and finish both read the time with Redis's TIME, inside their scripts: the latency
+FINISH returns (submit to completed) needs no agreement between the proxy's and the workers'
+clocks.
 
 Every change that touches more than one key is a Lua script, so it happens all at once: a job
 is never queued without its data, never finished by a worker that no longer holds it, never
@@ -28,6 +33,7 @@ Cluster).
 import json
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -75,7 +81,8 @@ def new_job_id() -> str:
 
 
 _SUBMIT = """
--- KEYS: status, data, queue, recent   ARGV: id, rows, ttl, priority, max queue, max recent
+-- KEYS: status, data, queue, recent, submitted   ARGV: id, rows, ttl, priority, max queue,
+-- max recent
 -- Returns 1: queued, 0: id taken by another job, -1: queue full.
 if redis.call('EXISTS', KEYS[1]) == 1 then
   -- Same id and same rows: redis-py retried this very call after its answer was lost, and the
@@ -89,6 +96,7 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local ttl = tonumber(ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
 redis.call('SET', KEYS[1], 'pending', 'EX', ttl)
+redis.call('SET', KEYS[5], t[1] .. string.format('%06d', t[2]), 'EX', ttl)  -- us
 if ARGV[4] == 'high' then
   redis.call('RPUSH', KEYS[3], ARGV[1])
 else
@@ -105,7 +113,7 @@ _CLAIM = """
 -- The worker has moved ARGV[1] into processing with BLMOVE; take up to ARGV[2] more at once,
 -- each under this claim's token.
 -- KEYS: queue, processing, claimed, holder, attempts   ARGV: first id, how many more, ttl,
--- token, max claims. Returns id, data, id, data...
+-- token, max claims. Returns how many it gave up (failed), then id, data, id, data...
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local ids = {}
@@ -119,7 +127,7 @@ for _ = 1, tonumber(ARGV[2]) do
   if not id then break end
   ids[#ids + 1] = id
 end
-local out = {}
+local out = {0}
 for _, id in ipairs(ids) do
   local job = 'job:' .. id .. ':'
   local data = redis.call('GET', job .. 'data')
@@ -134,15 +142,18 @@ for _, id in ipairs(ids) do
     redis.call('LREM', KEYS[2], 1, id)
     redis.call('ZREM', KEYS[3], id)
     redis.call('HDEL', KEYS[5], id)
+    redis.call('DEL', job .. 'submitted')
     if redis.call('GET', job .. 'status') ~= 'cancelled' then
       redis.call('SET', job .. 'error', why, 'EX', ARGV[3])
       redis.call('SET', job .. 'status', 'failed', 'EX', ARGV[3])
+      out[1] = out[1] + 1
     end
   else
     redis.call('ZADD', KEYS[3], now, id)
     redis.call('HSET', KEYS[4], id, ARGV[4])
     redis.call('SET', job .. 'status', 'processing', 'EX', ARGV[3])
     redis.call('EXPIRE', job .. 'data', ARGV[3])
+    redis.call('EXPIRE', job .. 'submitted', ARGV[3])
     out[#out + 1] = id
     out[#out + 1] = data
   end
@@ -154,22 +165,29 @@ _FINISH = """
 -- Store outcomes, but only for jobs still held under the caller's token (the reaper may have
 -- given a slow job to someone else). KEYS: processing, claimed, holder, attempts
 -- ARGV: ttl, then id, token, status, payload...
-local n = 0
+-- Returns, for each job stored: id, its claims, microseconds since its submit (-1: unknown).
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local out = {}
 for i = 2, #ARGV, 4 do
   local id, job = ARGV[i], 'job:' .. ARGV[i] .. ':'
   if redis.call('HGET', KEYS[3], id) == ARGV[i + 1] then
+    local submitted = redis.call('GET', job .. 'submitted')
+    out[#out + 1] = id
+    out[#out + 1] = tonumber(redis.call('HGET', KEYS[4], id) or '1')
+    out[#out + 1] = submitted and now - tonumber(submitted) or -1
     redis.call('LREM', KEYS[1], 1, id)
     redis.call('ZREM', KEYS[2], id)
     redis.call('HDEL', KEYS[3], id)
     redis.call('HDEL', KEYS[4], id)
+    redis.call('DEL', job .. 'submitted')
     local field = ARGV[i + 2] == 'completed' and 'result' or 'error'
     redis.call('SET', job .. field, ARGV[i + 3], 'EX', ARGV[1])
     redis.call('SET', job .. 'status', ARGV[i + 2], 'EX', ARGV[1])
     redis.call('EXPIRE', job .. 'data', ARGV[1])
-    n = n + 1
   end
 end
-return n
+return out
 """
 
 # Prepended to REQUEUE and REAP. KEYS: queue, processing, claimed, holder, attempts.
@@ -181,6 +199,7 @@ local function give_back(id, ttl)  -- from processing to the head of the queue
   redis.call('RPUSH', KEYS[1], id)
   redis.call('SET', 'job:' .. id .. ':status', 'pending', 'EX', ttl)
   redis.call('EXPIRE', 'job:' .. id .. ':data', ttl)
+  redis.call('EXPIRE', 'job:' .. id .. ':submitted', ttl)
   return 1
 end
 """
@@ -218,12 +237,13 @@ return n
 """
 
 _CANCEL = """
--- KEYS: status, data, queue   ARGV: id, ttl. Returns the status after the call (nil: unknown).
+-- KEYS: status, data, queue, submitted   ARGV: id, ttl.
+-- Returns the status after the call (nil: unknown).
 local status = redis.call('GET', KEYS[1])
 if status ~= 'pending' then return status end
 -- Pending but no longer in the queue: a worker has just taken it.
 if redis.call('LREM', KEYS[3], 1, ARGV[1]) == 0 then return 'processing' end
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[4])
 redis.call('SET', KEYS[1], 'cancelled', 'EX', ARGV[2])
 return 'cancelled'
 """
@@ -231,6 +251,23 @@ return 'cancelled'
 
 def _iso(ms: float) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+class Batch(list):
+    """What claim() returns: the (id, data) pairs taken, and how many jobs the CLAIM script
+    failed instead (data expired, or MAX_CLAIMS reached): those are final too."""
+
+    given_up = 0
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A job finish() stored: its final status, its claims, seconds since its submit."""
+
+    job_id: str
+    status: str
+    claims: int
+    latency: float | None  # None: submitted before its submit time was recorded
 
 
 class IdCollision(RuntimeError):
@@ -286,7 +323,13 @@ class JobStore:
             # The id is drawn before the first attempt: a retry of the same call (redis-py
             # retries once on a timeout) finds its own job instead of queueing a second one.
             job_id = self.new_id()
-            keys = [self.key(job_id, "status"), self.key(job_id, "data"), self.queue, self.recent]
+            keys = [
+                self.key(job_id, "status"),
+                self.key(job_id, "data"),
+                self.queue,
+                self.recent,
+                self.key(job_id, "submitted"),
+            ]
             args = [job_id, data, self.ttl, priority, self.max_queue, self.max_recent]
             done = await self._submit(keys=keys, args=args)
             if done == 1:
@@ -309,7 +352,12 @@ class JobStore:
         return job
 
     async def cancel(self, job_id: str) -> str | None:
-        keys = [self.key(job_id, "status"), self.key(job_id, "data"), self.queue]
+        keys = [
+            self.key(job_id, "status"),
+            self.key(job_id, "data"),
+            self.queue,
+            self.key(job_id, "submitted"),
+        ]
         return await self._cancel(keys=keys, args=[job_id, self.ttl])
 
     async def recent_jobs(self, offset: int, limit: int) -> tuple[int, list[dict]]:
@@ -331,28 +379,43 @@ class JobStore:
     async def queue_length(self) -> int:
         return await self.redis.llen(self.queue)
 
+    async def queue_lengths(self) -> tuple[int, int]:
+        """(waiting, claimed): jobs in the queue, and jobs workers hold."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(self.queue)
+            pipe.llen(self.processing)
+            waiting, claimed = await pipe.execute()
+        return waiting, claimed
+
     # --- the worker's side ------------------------------------------------------------------
 
-    async def claim(self, batch_size: int, block: float) -> list[tuple[str, str]]:
+    async def claim(self, batch_size: int, block: float) -> Batch:
         """Wait up to `block` seconds for a job; return up to batch_size (id, data) pairs."""
         first = await self.redis.blmove(self.queue, self.processing, block, "RIGHT", "LEFT")
         if first is None:
-            return []
+            return Batch()
         token = secrets.token_hex(8)  # this claim's, and nobody else's
         keys = [self.queue, self.processing, self.claimed, self.holder, self.attempts]
         args = [first, batch_size - 1, self.ttl, token, self.max_claims]
-        flat = await self._claim(keys=keys, args=args)
-        batch = list(zip(flat[::2], flat[1::2], strict=True))
+        given_up, *flat = await self._claim(keys=keys, args=args)
+        batch = Batch(zip(flat[::2], flat[1::2], strict=True))
+        batch.given_up = given_up
         self.tokens.update((job_id, token) for job_id, _ in batch)
         return batch
 
-    async def finish(self, outcomes: list[tuple[str, JobStatus, str]]) -> int:
-        """Store (id, COMPLETED|FAILED, result or error) for jobs still held; return how many."""
+    async def finish(self, outcomes: list[tuple[str, JobStatus, str]]) -> list[Finished]:
+        """Store (id, COMPLETED|FAILED, result or error) for jobs still held; return those."""
         args: list = [self.ttl]
+        statuses = {}
         for job_id, status, payload in outcomes:
             args += [job_id, self.tokens.pop(job_id, ""), str(status), payload]
+            statuses[job_id] = str(status)
         keys = [self.processing, self.claimed, self.holder, self.attempts]
-        return await self._finish(keys=keys, args=args)
+        flat = await self._finish(keys=keys, args=args)
+        return [
+            Finished(job_id, statuses[job_id], claims, us / 1e6 if us >= 0 else None)
+            for job_id, claims, us in zip(flat[::3], flat[1::3], flat[2::3], strict=True)
+        ]
 
     async def requeue(self, job_ids: list[str]) -> int:
         """Give back jobs this store still holds, to the head of the queue; return how many."""

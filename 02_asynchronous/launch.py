@@ -143,6 +143,7 @@ def start_proxy(env: dict, timeout: float = 60) -> Process:
 def start_worker(env: dict, timeout: float = 120) -> Process:
     """Returns once every worker process (NUM_WORKERS) has logged that it started: importing
     TensorFlow takes a while."""
+    env = {"METRICS_PORT": str(free_port()), **env}  # several workers may share one env
     proc = Process("worker", [sys.executable, "worker.py"], env)
     count = int(env.get("NUM_WORKERS", "1"))
     return ready(proc, lambda: proc.text().count('"worker started"') >= count, timeout, "worker")

@@ -4,11 +4,13 @@
 
 The proxy never runs the model. POST /predict validates the rows, writes the job to Redis in
 one atomic step and returns; a worker (worker.py) does the inference in the background.
+GET /metrics: Prometheus text, with the queue's length read from Redis at each scrape.
 """
 
 import hmac
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -33,6 +35,14 @@ from jobs import (
     QueueFull,
     validate_rows,
 )
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -40,8 +50,8 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -50,7 +60,10 @@ log = logging.getLogger("proxy")
 SAMPLE = [[5.1, 3.5, 1.4, 0.2]]  # the first Iris row, a setosa: for POST /predict/test
 PRIORITIES = ("normal", "high")
 RETRY_AFTER = 5  # seconds a client is told to wait when the queue is full
-OPEN_PATHS = ("/health", "/openapi.json")  # need no API key: probes, and the API's description
+# Need no API key: probes, and the API's description. Not /metrics: it tells anyone the traffic;
+# Prometheus sends the key (`authorization` in its scrape config).
+OPEN_PATHS = ("/health", "/openapi.json")
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # others: "other"
 
 ROW = {
     "type": "array",
@@ -160,6 +173,77 @@ SCHEMAS = SchemaGenerator(
 )
 
 
+class Metrics:
+    """The proxy's metrics, in a registry of the app's own (so one process can hold several)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from the request's arrival to the end of its answer",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.submitted = Counter(
+            "jobs_submitted_total", "Jobs queued", ["priority"], registry=self.registry
+        )
+        for priority in PRIORITIES:
+            self.submitted.labels(priority)
+        self.queue = Gauge(
+            "job_queue_length",
+            "Jobs waiting in the queue (waiting) or held by a worker (claimed), read at scrape",
+            ["state"],
+            registry=self.registry,
+        )
+
+
+class HttpMetrics:
+    """Pure ASGI middleware: counts and times every request by its route's template
+    (`/job/{job_id}`, never the id itself); a path no route matches is "unmatched"."""
+
+    def __init__(self, app, metrics: Metrics, routes: list[Route]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def route(self, scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:  # PARTIAL: the path's route, another method (405)
+                return route.path
+        return "unmatched"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, counted = time.perf_counter(), 500, False  # 500: failed before answering
+        method = scope["method"] if scope["method"] in METHODS else "other"
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted, route = True, self.route(scope)
+                self.metrics.requests.labels(method, route, str(status)).inc()
+                self.metrics.duration.labels(method, route).observe(time.perf_counter() - started)
+
+        async def send_counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                count()  # before the last bytes go out: whoever got the answer sees it counted
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            count()
+
+
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -187,17 +271,20 @@ def create_app(settings: Settings) -> Starlette:
         await app.state.http.close()
         await redis.aclose()
 
+    routes = [
+        Route("/predict", predict, methods=["POST"]),
+        Route("/predict/test", predict_test, methods=["POST"]),
+        Route("/job/{job_id}", get_job, methods=["GET"]),
+        Route("/job/{job_id}", cancel_job, methods=["DELETE"]),
+        Route("/jobs", list_jobs, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metadata", metadata, methods=["GET"]),
+        # Neither is part of the API the document describes (nor fuzzed as such).
+        Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+        Route("/metrics", metrics, methods=["GET"], include_in_schema=False),
+    ]
     app = Starlette(
-        routes=[
-            Route("/predict", predict, methods=["POST"]),
-            Route("/predict/test", predict_test, methods=["POST"]),
-            Route("/job/{job_id}", get_job, methods=["GET"]),
-            Route("/job/{job_id}", cancel_job, methods=["DELETE"]),
-            Route("/jobs", list_jobs, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/metadata", metadata, methods=["GET"]),
-            Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
-        ],
+        routes=routes,
         exception_handlers={
             HTTPException: http_error,
             InvalidInput: invalid_input,
@@ -208,9 +295,11 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         max_body_size=1 << 20,  # 1,000 rows of 4 numbers fit many times over
     )
-    if settings.api_key:
-        return RequireApiKey(app, settings.api_key)
-    return app
+    app.state.metrics = measured = Metrics()
+    served = RequireApiKey(app, settings.api_key) if settings.api_key else app
+    if not settings.metrics:  # METRICS=0: without the middleware, to measure what it costs
+        return served
+    return HttpMetrics(served, measured, routes)  # outermost: a 401 is counted too
 
 
 class RequireApiKey:
@@ -344,6 +433,7 @@ async def predict_test(request: Request) -> JSONResponse:
 
 async def accepted(request: Request, rows: list[list[float]], priority: str) -> JSONResponse:
     job_id = await request.app.state.store.submit(rows, priority)
+    request.app.state.metrics.submitted.labels(priority).inc()
     # 202: accepted, not done yet; Location tells where the answer will be.
     return JSONResponse({"job_id": job_id}, status_code=202, headers={"Location": f"/job/{job_id}"})
 
@@ -487,6 +577,19 @@ async def metadata(request: Request) -> JSONResponse:
 async def openapi(request: Request) -> JSONResponse:
     # JSON, not Starlette's OpenAPIResponse: its YAML has integer status codes as keys.
     return JSONResponse(SCHEMAS.get_schema(routes=request.app.routes))
+
+
+async def metrics(request: Request) -> Response:
+    measured = request.app.state.metrics
+    try:  # bounded by the pool's timeouts (0.5 s to connect, 1 s to answer, one retry)
+        waiting, claimed = await request.app.state.store.queue_lengths()
+        measured.queue.labels("waiting").set(waiting)
+        measured.queue.labels("claimed").set(claimed)
+    except RedisError as e:  # no value rather than a stale one: `absent()` sees it
+        log.warning("queue length unavailable", extra={"error": str(e)})
+        measured.queue.clear()
+    # The classic text format (0.0.4), which every Prometheus version reads.
+    return Response(generate_latest(measured.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

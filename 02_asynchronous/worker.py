@@ -5,6 +5,9 @@
 One loop per process: block on the queue (BLMOVE, no polling), take up to BATCH_SIZE jobs,
 send them to TensorFlow Serving as one Predict call, store every result, repeat. A reaper task
 beside the loop hands jobs of dead workers back to the queue.
+
+Metrics (Prometheus text) on METRICS_PORT: served by the one process, or with NUM_WORKERS > 1
+by the supervisor, which adds up its processes' files (prometheus-client's multiprocess mode).
 """
 
 import asyncio
@@ -15,15 +18,20 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import uvloop
 from config import Settings, setup_logging
-from jobs import JobStatus, JobStore, validate_rows
+from jobs import Finished, JobStatus, JobStore, validate_rows
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -36,6 +44,72 @@ BLOCK_SECONDS = 1.0  # how long one BLMOVE waits; bounds how late a SIGTERM is n
 MAX_BACKOFF = 5.0  # cap of the reconnect delays (Redis, TensorFlow Serving)
 RESTART_DELAY = 1.0  # least time between two starts of a supervised worker in one slot
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Submit to completed: milliseconds when idle, minutes behind a backlog or a reaped claim.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 10)  # claims per job: 1 unless a worker died or hung
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 32768)  # rows per Predict call
+
+
+class WorkerMetrics:
+    """One worker process's metrics. Under the supervisor (multiprocess mode: it sets
+    PROMETHEUS_MULTIPROC_DIR before it starts the process) each value lives in this process's
+    files, which outlive a SIGKILL, and `registry` is None."""
+
+    def __init__(self, registry: CollectorRegistry | None):
+        self.finished = Counter(
+            "jobs_finished_total", "Jobs given their final status", ["status"], registry=registry
+        )
+        for status in (JobStatus.COMPLETED, JobStatus.FAILED):
+            self.finished.labels(status)  # present at 0 from the start, so rate() sees the first
+        self.latency = Histogram(
+            "job_latency_seconds",
+            "Submit to completed, both by Redis's clock",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.attempts = Histogram(
+            "job_attempts",
+            "Claims a job took until its final status",
+            buckets=ATTEMPT_BUCKETS,
+            registry=registry,
+        )
+        self.reaped = Counter(
+            "jobs_reaped_total",
+            "Claims past VISIBILITY_TIMEOUT given back to the queue (worker died or hung)",
+            registry=registry,
+        )
+        self.predict = Histogram(
+            "tf_serving_predict_duration_seconds",
+            "One Predict call to TensorFlow Serving, answered or not",
+            registry=registry,
+        )
+        self.batch = Histogram(
+            "tf_serving_predict_batch_size",
+            "Rows sent in one Predict call",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+
+    def count(self, finished: list[Finished]) -> None:
+        """Jobs this process stored: FINISH returns only those it still held, so a job is
+        counted by one worker only, even when a reaped job's first worker answers late."""
+        for job in finished:
+            self.finished.labels(job.status).inc()
+            self.attempts.observe(job.claims)
+            if job.status == JobStatus.COMPLETED and job.latency is not None:
+                self.latency.observe(job.latency)
+
+
+class SupervisorMetrics:
+    """What only the supervisor knows, added at each scrape. A collector, not a Counter: with
+    PROMETHEUS_MULTIPROC_DIR already set at import, a Counter here would also be in the files."""
+
+    restarts = 0
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "worker_restarts_total", "Worker processes found dead and replaced", self.restarts
+        )
 
 
 class Interrupted(Exception):
@@ -76,12 +150,18 @@ async def pause(stop: asyncio.Event, seconds: float) -> None:
 
 class Worker:
     def __init__(
-        self, settings: Settings, store: JobStore, model: TFServingClient, labels: list[str]
+        self,
+        settings: Settings,
+        store: JobStore,
+        model: TFServingClient,
+        labels: list[str],
+        metrics: WorkerMetrics,
     ):
         self.settings = settings
         self.store = store
         self.model = model
         self.labels = labels
+        self.metrics = metrics
 
     async def run(self, stop: asyncio.Event) -> None:
         reaper = asyncio.create_task(self.reap_forever(stop))
@@ -91,6 +171,8 @@ class Worker:
             try:
                 batch = await self.store.claim(self.settings.batch_size, BLOCK_SECONDS)
                 redis_backoff.reset()
+                if batch.given_up:  # failed by the CLAIM script (data expired, MAX_CLAIMS)
+                    self.metrics.finished.labels(JobStatus.FAILED).inc(batch.given_up)
                 if batch and not await self.process(batch, stop):
                     await pause(stop, tf_backoff.next())  # TF Serving is down: let it come back
                 elif batch:
@@ -123,14 +205,15 @@ class Worker:
             except (Unreachable, Interrupted) as e:
                 returned = await self.store.requeue(ids)
                 log.warning("jobs returned to the queue", extra={"jobs": returned, "why": str(e)})
-                await self.store.finish(outcomes)
+                self.metrics.count(await self.store.finish(outcomes))
                 return False
         stored = await self.store.finish(outcomes)
+        self.metrics.count(stored)
         log.info(
             "batch done",
             extra={
                 "jobs": len(batch),
-                "stored": stored,
+                "stored": len(stored),
                 "failed": sum(status == JobStatus.FAILED for _, status, _ in outcomes),
                 "ms": round((time.perf_counter() - started) * 1000, 1),
             },
@@ -167,7 +250,9 @@ class Worker:
         backoff = Backoff(self.settings.retry_backoff)
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
-                return await self.model.predict(rows)
+                self.metrics.batch.observe(len(rows))
+                with self.metrics.predict.time():
+                    return await self.model.predict(rows)
             except InferenceError as e:
                 if attempt == self.settings.max_attempts:
                     raise InferenceError(f"{e} (after {attempt} attempts)") from e
@@ -198,12 +283,14 @@ class Worker:
             await pause(stop, every)
             try:
                 if n := await self.store.reap(self.settings.visibility_timeout):
+                    # REAP moves each job at most once, however many reapers run: counted once.
+                    self.metrics.reaped.inc(n)
                     log.warning("requeued jobs past the visibility timeout", extra={"jobs": n})
             except RedisError:
                 pass  # the main loop reports Redis trouble and backs off
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, metrics: WorkerMetrics) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,15 +314,22 @@ async def serve(settings: Settings) -> None:
     store = JobStore(redis, settings.queue, settings.job_ttl, max_claims=settings.max_claims)
     log.info("worker started", extra={"pid": os.getpid(), "batch_size": settings.batch_size})
     try:
-        await Worker(settings, store, model, labels).run(stop)
+        await Worker(settings, store, model, labels, metrics).run(stop)
     finally:
         await model.close()
         await redis.aclose()
 
 
 def run_one(settings: Settings) -> None:
+    """NUM_WORKERS=1: this process is the worker and serves its own metrics."""
     setup_logging(settings.log_level)
-    uvloop.run(serve(settings))
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    server, _ = start_http_server(settings.metrics_port, settings.host, registry=registry)
+    try:
+        uvloop.run(serve(settings, metrics))
+    finally:
+        server.shutdown()
 
 
 def run_supervised(settings: Settings, supervisor: int) -> None:
@@ -245,7 +339,24 @@ def run_supervised(settings: Settings, supervisor: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
     if os.getppid() != supervisor:  # it died before prctl took effect
         return
-    run_one(settings)
+    setup_logging(settings.log_level)
+    uvloop.run(serve(settings, WorkerMetrics(registry=None)))  # counted in files, served above
+
+
+def serve_metrics(settings: Settings, directory: Path):
+    """One scrape target for all NUM_WORKERS processes: their files added up, plus restarts."""
+    # Files of an earlier run (a restarted container keeps its directory) would add old counts.
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    # Read by prometheus-client in every process started from now on (spawn: a fresh import).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    own = SupervisorMetrics()
+    registry.register(own)
+    server, _ = start_http_server(settings.metrics_port, settings.host, registry=registry)
+    return own, server
 
 
 def supervise(settings: Settings) -> None:
@@ -254,6 +365,8 @@ def supervise(settings: Settings) -> None:
     setup_logging(settings.log_level)
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    directory = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="02-worker-metrics-"))
+    own, server = serve_metrics(settings, directory)
 
     def start() -> multiprocessing.Process:
         proc = ctx.Process(target=run_supervised, args=(settings, os.getpid()))
@@ -286,6 +399,9 @@ def supervise(settings: Settings) -> None:
                 "worker exited, starting another",
                 extra={"pid": proc.pid, "exitcode": proc.exitcode},
             )
+            # Removes only live-gauge files (there are none): its counts stay in the sum.
+            mark_process_dead(proc.pid, str(directory))
+            own.restarts += 1
             # A worker that dies at start-up is restarted once per RESTART_DELAY, not in a spin.
             time.sleep(max(0.0, started[slot] + RESTART_DELAY - time.monotonic()))
             if not stopping:
@@ -293,6 +409,9 @@ def supervise(settings: Settings) -> None:
     forward(signal.SIGTERM)  # again: for a child started while the signal was being handled
     for proc in procs:
         proc.join()
+    server.shutdown()
+    if settings.metrics_dir is None:
+        shutil.rmtree(directory, ignore_errors=True)
     # A worker that got the SIGTERM before it had set its handler (still starting) stopped as
     # asked, too.
     codes = [abs(proc.exitcode) for proc in procs if proc.exitcode != -signal.SIGTERM]

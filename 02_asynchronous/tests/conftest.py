@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,6 +21,7 @@ from launch import (
     start_tf_serving,
     start_worker,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 REDIS_URL = redis_url(db=2)
 FINAL = ("completed", "failed", "cancelled")
@@ -205,3 +207,20 @@ def relay(db):
     proxy = Relay()
     yield proxy
     proxy.close()
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[tuple, float]:
+    """A Prometheus page as {(sample name, sorted label pairs): value}."""
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metrics_url(env: dict) -> str:
+    """The worker's Prometheus page (env must name its METRICS_PORT)."""
+    return f"http://127.0.0.1:{env['METRICS_PORT']}/metrics"
