@@ -51,7 +51,7 @@ class BatchingParameters:
 class _Task:
     inputs: Inputs
     rows: int
-    future: asyncio.Future
+    future: asyncio.Future[Inputs]
     enqueued: float  # time.perf_counter(): the queuing latency's start
 
 
@@ -77,13 +77,13 @@ class Scheduler:
         self.metrics = metrics
         self._queues: dict[str, deque[_Task]] = {}
         self._wake = asyncio.Event()
-        self._worker: asyncio.Task | None = None
+        self._worker: asyncio.Task[None] | None = None
         self.batches = 0  # model calls made for batches, and the requests they carried
         self.batched_requests = 0
 
     async def start(self) -> None:
         if self.params:
-            self._worker = asyncio.create_task(self._batch_loop())
+            self._worker = asyncio.create_task(self._batch_loop(self.params))
 
     async def stop(self) -> None:
         if self._worker:
@@ -110,7 +110,7 @@ class Scheduler:
         self._wake.set()
         return await task.future
 
-    async def _batch_loop(self) -> None:
+    async def _batch_loop(self, params: BatchingParameters) -> None:
         while True:
             await self._wake.wait()
             key = next((k for k, q in self._queues.items() if q), None)
@@ -118,10 +118,10 @@ class Scheduler:
                 self._wake.clear()
                 continue
             queue = self._queues[key]
-            if self.params.batch_timeout_micros and self._rows(queue) < self.params.max_batch_size:
-                await asyncio.sleep(self.params.batch_timeout_micros / 1e6)  # let the batch fill
+            if params.batch_timeout_micros and self._rows(queue) < params.max_batch_size:
+                await asyncio.sleep(params.batch_timeout_micros / 1e6)  # let the batch fill
             batch, rows = [], 0
-            while queue and rows + queue[0].rows <= self.params.max_batch_size:
+            while queue and rows + queue[0].rows <= params.max_batch_size:
                 task = queue.popleft()
                 batch.append(task)
                 rows += task.rows

@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (make_tensor_proto)
@@ -56,14 +57,19 @@ class Result:
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-async def drive(send, concurrency: int, requests: int, seconds: float) -> tuple[list, int, float]:
+Measured = tuple[list[float], int, float]  # latencies (ms), errors, seconds taken
+
+
+async def drive(
+    send: Callable[[], Awaitable[None]], concurrency: int, requests: int, seconds: float
+) -> Measured:
     """`concurrency` workers call send() back to back until the count or the time is used up."""
     latencies: list[float] = []
     errors = 0
     remaining = requests
     deadline = time.perf_counter() + seconds
 
-    async def worker():
+    async def worker() -> None:
         nonlocal remaining, errors
         while remaining > 0 and time.perf_counter() < deadline:
             remaining -= 1
@@ -80,13 +86,15 @@ async def drive(send, concurrency: int, requests: int, seconds: float) -> tuple[
     return latencies, errors, time.perf_counter() - began
 
 
-async def bench_rest(host: str, port: int, concurrency: int, requests: int, seconds: float):
+async def bench_rest(
+    host: str, port: int, concurrency: int, requests: int, seconds: float
+) -> Measured:
     url = f"http://{host}:{port}/v1/models/iris:predict"
     body = json.dumps({"instances": ROW}).encode()
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def send():
+        async def send() -> None:
             async with session.post(url, data=body) as response:
                 await response.read()
                 assert response.status == 200
@@ -95,7 +103,9 @@ async def bench_rest(host: str, port: int, concurrency: int, requests: int, seco
         return await drive(send, concurrency, requests, seconds)
 
 
-async def bench_grpc(host: str, port: int, concurrency: int, requests: int, seconds: float):
+async def bench_grpc(
+    host: str, port: int, concurrency: int, requests: int, seconds: float
+) -> Measured:
     request = predict_request("iris", ROW)
     async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
         predict = channel.unary_unary(
@@ -104,7 +114,7 @@ async def bench_grpc(host: str, port: int, concurrency: int, requests: int, seco
             response_deserializer=lambda b: b,
         )
 
-        async def send():
+        async def send() -> None:
             await predict(request, timeout=30)
 
         await drive(send, concurrency, WARMUP, 30)
@@ -144,7 +154,7 @@ def main() -> int:
               f"{r.percentile(50):>9.2f}{r.percentile(99):>9.2f}"
               f"{statistics.fmean(r.latencies_ms):>9.2f}")  # fmt: skip
     by = {(r.protocol, r.concurrency): r for r in results}
-    headline = {
+    headline: dict[str, object] = {
         f"{r.protocol}_c{r.concurrency}": {
             "rps": round(r.rps),
             "p50_ms": round(r.percentile(50), 2),

@@ -7,7 +7,9 @@ import os
 SAMPLE_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]
 
 
-def client_parser(description: str, port_variable: str, default_port: int):
+def client_parser(
+    description: str, port_variable: str, default_port: int
+) -> argparse.ArgumentParser:
     """Options for `status | metadata | predict`; host and port default to the environment."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("command", choices=["status", "metadata", "predict"])

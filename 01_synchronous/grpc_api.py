@@ -14,6 +14,8 @@ from servable import Servable, ServingError, invalid
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -28,7 +30,7 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 MAX_CONCURRENT_RPCS = 200
 
 
-def requested_version(model_spec) -> int | None:
+def requested_version(model_spec: model_pb2.ModelSpec) -> int | None:
     """The version asked for. The stand-in has no labels configured, so every label is unknown,
     as TensorFlow Serving's ServerCore says for a label missing from its config."""
     if model_spec.HasField("version_label"):
@@ -36,7 +38,14 @@ def requested_version(model_spec) -> int | None:
     return model_spec.version.value if model_spec.HasField("version") else None
 
 
-def to_array(servable: Servable, key: str, name: str, proto, expected_dtype: int, position: int):
+def to_array(
+    servable: Servable,
+    key: str,
+    name: str,
+    proto: tensor_pb2.TensorProto,
+    expected_dtype: int,
+    position: int,
+) -> np.ndarray:
     if proto.dtype != expected_dtype:
         want = tf.dtypes.as_dtype(expected_dtype).name
         got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "invalid"
@@ -46,15 +55,17 @@ def to_array(servable: Servable, key: str, name: str, proto, expected_dtype: int
     # make_ndarray pads the values to the declared shape: check that shape first.
     servable.check_shape(key, name, [d.size for d in proto.tensor_shape.dim])
     try:
-        return tf.make_ndarray(proto)
+        array: np.ndarray = tf.make_ndarray(proto)
     except (ValueError, TypeError) as exc:
         raise invalid(f"tensor parsing error: {name} ({exc})") from None
+    return array
 
 
-def to_tensor_proto(array: np.ndarray):
+def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
     """float_val, like TensorFlow Serving's AsProtoField: clients may read .float_val directly."""
     if array.dtype != np.float32:
-        return tf.make_tensor_proto(array)
+        proto: tensor_pb2.TensorProto = tf.make_tensor_proto(array)
+        return proto
     return tensor_pb2.TensorProto(
         dtype=types_pb2.DT_FLOAT,
         tensor_shape=tf.TensorShape(array.shape).as_proto(),
@@ -68,7 +79,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.scheduler = scheduler
         self.metrics = metrics
 
-    async def Predict(self, request, context):
+    async def Predict(
+        self,
+        request: predict_pb2.PredictRequest,
+        context: grpc.aio.ServicerContext[predict_pb2.PredictRequest, predict_pb2.PredictResponse],
+    ) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         try:
             with self.metrics.request(spec.name, "Predict", "GRPC"):  # TensorFlow Serving's labels
@@ -76,7 +91,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         except ServingError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def predict(self, request) -> predict_pb2.PredictResponse:
+    async def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         self.servable.check_spec(spec.name, requested_version(spec))
         key, sig = self.servable.signature(spec.signature_name)
@@ -93,7 +108,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.outputs[name].CopyFrom(to_tensor_proto(value))
         return response
 
-    async def GetModelMetadata(self, request, context):
+    async def GetModelMetadata(
+        self,
+        request: get_model_metadata_pb2.GetModelMetadataRequest,
+        context: grpc.aio.ServicerContext[
+            get_model_metadata_pb2.GetModelMetadataRequest,
+            get_model_metadata_pb2.GetModelMetadataResponse,
+        ],
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         spec = request.model_spec
         try:
             self.servable.check_spec(spec.name, requested_version(spec))
@@ -114,7 +136,14 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, servable: Servable):
         self.servable = servable
 
-    async def GetModelStatus(self, request, context):
+    async def GetModelStatus(
+        self,
+        request: get_model_status_pb2.GetModelStatusRequest,
+        context: grpc.aio.ServicerContext[
+            get_model_status_pb2.GetModelStatusRequest,
+            get_model_status_pb2.GetModelStatusResponse,
+        ],
+    ) -> get_model_status_pb2.GetModelStatusResponse:
         spec = request.model_spec
         # GetModelStatus ignores a version label (get_model_status_impl.cc): all versions.
         version = spec.version.value if spec.HasField("version") else None

@@ -13,24 +13,28 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: quiet C++ logs
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from cli import client_parser  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
+from google.protobuf.message import Message  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
 
 
-def as_dict(message) -> dict:
+def as_dict(message: Message) -> dict[str, Any]:
     """A proto as TensorFlow Serving's REST API would print it (field names as in the .proto)."""
     return json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -38,7 +42,10 @@ def as_dict(message) -> dict:
 
 
 def predict_request(
-    model: str, rows, version: int | None = None, signature_name: str = "serving_default"
+    model: str,
+    rows: npt.ArrayLike,
+    version: int | None = None,
+    signature_name: str = "serving_default",
 ) -> predict_pb2.PredictRequest:
     """A PredictRequest for rows [n, 4], built with tf.make_tensor_proto."""
     request = predict_pb2.PredictRequest()
@@ -64,13 +71,13 @@ class GrpcClient:
     def __enter__(self) -> GrpcClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
         self.channel.close()
 
-    def _spec(self, spec, version: int | None) -> None:
+    def _spec(self, spec: model_pb2.ModelSpec, version: int | None) -> None:
         spec.name = self.model
         if version is not None:
             spec.version.value = version
@@ -80,16 +87,24 @@ class GrpcClient:
         self._spec(request.model_spec, version)
         return self.models.GetModelStatus(request, timeout=self.timeout)
 
-    def metadata(self, version: int | None = None):
+    def metadata(
+        self, version: int | None = None
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._spec(request.model_spec, version)
         return self.predictions.GetModelMetadata(request, timeout=self.timeout)
 
-    def predict(self, rows, version: int | None = None, signature_name="serving_default"):
+    def predict(
+        self,
+        rows: npt.ArrayLike,
+        version: int | None = None,
+        signature_name: str = "serving_default",
+    ) -> np.ndarray:
         """Rows [n, 4] -> probabilities [n, 3] as a numpy array."""
         request = predict_request(self.model, rows, version, signature_name)
         response = self.predictions.Predict(request, timeout=self.timeout)
-        return tf.make_ndarray(response.outputs["output"])
+        probabilities: np.ndarray = tf.make_ndarray(response.outputs["output"])
+        return probabilities
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,9 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
             self._header_deadline.cancel()
             self._header_deadline = None
 
-    def connection_made(self, transport) -> None:
+    def connection_made(  # type: ignore[override]  # uvicorn's own narrowing to a Transport
+        self, transport: asyncio.Transport
+    ) -> None:
         super().connection_made(transport)
         self._arm()
 
@@ -93,7 +95,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_headers_complete()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 

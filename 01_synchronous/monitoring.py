@@ -24,11 +24,14 @@ from __future__ import annotations
 import re
 import time
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf.message import Message as ProtoMessage
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram as PromHistogram
@@ -36,6 +39,8 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from servable import ServingError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DEFAULT_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter::kPrometheusPath
 # http_request_duration_seconds: a predict takes about a millisecond here.
@@ -44,7 +49,7 @@ HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
-def monitoring_config_class():
+def monitoring_config_class() -> type[ProtoMessage]:
     """tensorflow.serving.MonitoringConfig, built from its two messages (tensorflow-serving-api
     does not ship monitoring_config_pb2), so the file parses exactly as TensorFlow Serving's
     ParseProtoTextFile does: protobuf's text format, unknown fields refused."""
@@ -73,7 +78,8 @@ def monitoring_config_class():
 
 def metrics_path(config_file: str) -> str | None:
     """The path to serve the metrics on, or None when the file does not enable Prometheus."""
-    config = monitoring_config_class()()
+    # A class built at run time: its fields (prometheus_config...) have no static types.
+    config: Any = monitoring_config_class()()
     try:
         text_format.Parse(Path(config_file).read_text(), config)
     except text_format.ParseError as exc:
@@ -115,6 +121,14 @@ class Counter:
         return family
 
 
+@dataclass
+class _Cell:
+    """One combination of label values in a Sampler: a count per bucket, and the samples' sum."""
+
+    counts: list[int]
+    total: int = 0
+
+
 class Sampler:
     """monitoring::Sampler: a histogram of integer samples. A value falls in the first bucket
     whose limit is *above* it (TensorFlow's Histogram uses upper_bound, so a value equal to a
@@ -124,23 +138,23 @@ class Sampler:
         self.name, self.description, self.labels = prometheus_name(name), description, labels
         self.limits = limits
         self.le = [f"{limit:.6g}" for limit in limits] + ["+Inf"]  # absl::StrCat(double)
-        self.cells: dict[tuple[str, ...], list] = {}  # values -> [bucket counts, sum]
+        self.cells: dict[tuple[str, ...], _Cell] = {}
 
     def add(self, values: tuple[str, ...], sample: int) -> None:
         cell = self.cells.get(values)
         if cell is None:
-            cell = self.cells[values] = [[0] * len(self.le), 0]
-        cell[0][bisect_right(self.limits, sample)] += 1
-        cell[1] += sample
+            cell = self.cells[values] = _Cell([0] * len(self.le))
+        cell.counts[bisect_right(self.limits, sample)] += 1
+        cell.total += sample
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.description, labels=self.labels)
-        for values, (counts, total) in self.cells.items():
+        for values, cell in self.cells.items():
             cumulative, buckets = 0, []
-            for le, count in zip(self.le, counts, strict=True):
+            for le, count in zip(self.le, cell.counts, strict=True):
                 cumulative += count
                 buckets.append((le, cumulative))
-            family.add_metric(list(values), buckets, total)
+            family.add_metric(list(values), buckets, cell.total)
         return family
 
 
@@ -210,7 +224,7 @@ class ServingMetrics:
             self.queuing_latency.add(("",), int((dequeued - started) * 1_000_000))
         self.wrapped_run_count.increment()
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         for metric in (
             self.request_count,
             self.request_latency,
@@ -227,7 +241,7 @@ class HttpMetrics:
     such metrics: they are the stand-in's own, for the REST routes TensorFlow Serving's
     request_count does not cover (status, metadata, malformed paths, unknown models)."""
 
-    def __init__(self, app, registry: CollectorRegistry):
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry):
         self.app = app
         self.requests = PromCounter(
             "http_requests_total",
@@ -243,7 +257,7 @@ class HttpMetrics:
             buckets=HTTP_BUCKETS,
         )
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -258,7 +272,7 @@ class HttpMetrics:
             self.duration.labels(method, route).observe(time.perf_counter() - started)
             self.requests.labels(method, route, str(status)).inc()
 
-        async def send_and_count(message) -> None:
+        async def send_and_count(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -273,14 +287,14 @@ class HttpMetrics:
                 count()
 
 
-def route_template(scope) -> str:
+def route_template(scope: Scope) -> str:
     """The matched route's template: Starlette's router leaves the route it chose (a full
     match, or one that matched by path only: a 405) in the scope."""
-    route = scope.get("route")
+    route: Route | None = scope.get("route")  # every route of the app is a Route
     return route.path if route is not None else "unmatched"
 
 
-def metrics_endpoint(registry: CollectorRegistry):
+def metrics_endpoint(registry: CollectorRegistry) -> Callable[[Request], Awaitable[Response]]:
     """The page at the configured path, for any method, as TensorFlow Serving's handler."""
 
     async def metrics(request: Request) -> Response:

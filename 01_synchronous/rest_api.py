@@ -12,6 +12,8 @@ import math
 import re
 import struct
 import zlib
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -23,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
 PREDICT_PATH = re.compile(
@@ -41,6 +43,8 @@ _FLOAT32 = struct.Struct("f")  # rounds a Python float to float32, to test a rou
 # the cap is not higher. TensorFlow Serving caps only gzip bodies (kMaxUncompressedBytes, 100 MiB).
 MAX_BODY_BYTES = 32 * 1024 * 1024
 INT64_MAX = 2**63 - 1
+Json = dict[str, Any]  # a JSON object as json.loads returns it
+Nested = float | list["Nested"]  # a tensor's values as ndarray.tolist() returns them
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 413,  # only for a body over MAX_BODY_BYTES
@@ -54,7 +58,7 @@ HTTP_STATUS = {
 # ---- JSON <-> tensors ------------------------------------------------------------------------
 
 
-def to_array(value, where: str) -> np.ndarray:
+def to_array(value: object, where: str) -> np.ndarray:
     """A nested JSON list of numbers -> ndarray; ragged lists, strings, bools and null fail."""
     try:
         array = np.array(value)
@@ -67,7 +71,7 @@ def to_array(value, where: str) -> np.ndarray:
     return array
 
 
-def load_body(body: bytes) -> tuple[dict, str]:
+def load_body(body: bytes) -> tuple[Json, str]:
     """The request object and its signature_name, with json_tensor.cc's checks."""
     if not body:
         raise invalid("JSON Parse error: The document is empty")
@@ -85,7 +89,7 @@ def load_body(body: bytes) -> tuple[dict, str]:
     return doc, signature_name
 
 
-def parse_inputs(doc: dict, input_names: list[str]) -> tuple[dict[str, np.ndarray], bool]:
+def parse_inputs(doc: Json, input_names: list[str]) -> tuple[dict[str, np.ndarray], bool]:
     """Row (`instances`) or columnar (`inputs`) format -> ({name: array}, row_format)."""
     if "instances" in doc and "inputs" in doc:
         raise invalid("Not formatted correctly expecting only one of 'inputs' or 'instances' keys")
@@ -127,7 +131,7 @@ def float_json(value: float) -> str:
     return text if ("." in text or "e" in text) else text + ".0"
 
 
-def _json_value(value) -> str:
+def _json_value(value: Nested) -> str:
     if isinstance(value, list):
         return "[" + ",".join(map(_json_value, value)) + "]"
     return float_json(value)
@@ -157,7 +161,7 @@ def predict_json(outputs: dict[str, np.ndarray], row_format: bool) -> str:
 # ---- endpoints -------------------------------------------------------------------------------
 
 
-def pretty(document: dict) -> Response:
+def pretty(document: Json) -> Response:
     """Status and metadata indented as TensorFlow Serving prints them (one space per level)."""
     return Response(json.dumps(document, indent=1), media_type="application/json")
 
@@ -237,7 +241,7 @@ async def handle(request: Request) -> Response:
         return error_response(exc)
 
 
-async def predict(request: Request, servable: Servable, name: str, version: int | None):
+async def predict(request: Request, servable: Servable, name: str, version: int | None) -> Response:
     servable.check_spec(name, version)
     doc, signature_name = load_body(await read_body(request))
     try:
@@ -256,7 +260,7 @@ async def predict(request: Request, servable: Servable, name: str, version: int 
 
 
 # ---- the documented doors and the OpenAPI description ----------------------------------------
-# Every route in create_app ends in handle(), which parses the path with TensorFlow Serving's own
+# Every route in ROUTES ends in handle(), which parses the path with TensorFlow Serving's own
 # regular expressions; the routes exist so that /openapi.json describes the API from the code.
 
 ERROR = {
@@ -305,11 +309,11 @@ PREDICT_BODY = {"required": True, "content": {"application/json": {"schema": {
 }}}}  # fmt: skip
 
 
-def operation(endpoint, path: str) -> dict:
+def operation(endpoint: Callable[..., Any], path: str) -> Json:
     """One OpenAPI operation: its summary from the docstring, path parameters from the path."""
     names = re.findall(r"{(\w+)}", path)
     operation = {
-        "summary": endpoint.__doc__.split("\n")[0],
+        "summary": (endpoint.__doc__ or "").split("\n")[0],
         "parameters": [
             {"name": n, "in": "path", "required": True, "schema": PATH_PARAMETERS[n]} for n in names
         ],
@@ -324,9 +328,9 @@ SCHEMAS = SchemaGenerator({"openapi": "3.0.3", "info": {
     "title": "TensorFlow Serving REST API (local stand-in)", "version": "1"}})  # fmt: skip
 
 
-def openapi_schema(routes) -> dict:
+def openapi_schema(routes: list[BaseRoute]) -> Json:
     """The OpenAPI 3 description of the app's own routes (Starlette's SchemaGenerator)."""
-    paths: dict = {}
+    paths: dict[str, Json] = {}
     for endpoint in SCHEMAS.get_endpoints(routes):
         paths.setdefault(endpoint.path, {})[endpoint.http_method] = operation(
             endpoint.func, endpoint.path
@@ -338,6 +342,20 @@ async def openapi(request: Request) -> JSONResponse:
     return JSONResponse(openapi_schema(request.app.routes))
 
 
+ROUTES: list[BaseRoute] = [
+    Route("/v1/models/{model_name}", status, methods=["GET"]),
+    Route("/v1/models/{model_name}/versions/{version}", status, methods=["GET"]),
+    Route("/v1/models/{model_name}/metadata", metadata, methods=["GET"]),
+    Route("/v1/models/{model_name}/versions/{version}/metadata", metadata, methods=["GET"]),
+    Route("/v1/models/{model_name}:predict", predict_route, methods=["POST"]),
+    Route("/v1/models/{model_name}/versions/{version}:predict", predict_route, methods=["POST"]),
+    Route("/openapi.json", openapi, include_in_schema=False),
+    # Anything else under /v1, any method, gets TensorFlow Serving's own answer (400
+    # "Malformed request: OPTIONS /v1/..."), not Starlette's 404 or 405.
+    Route("/v1/{rest:path}", handle, methods=ANY_METHOD, include_in_schema=False),
+]
+
+
 def create_app(
     servable: Servable,
     scheduler: Scheduler,
@@ -347,20 +365,7 @@ def create_app(
     """The caller owns the model, the scheduler and the metrics (one of each for REST and gRPC
     together). With metrics_path (from --monitoring_config_file) the app serves the metrics
     there, TensorFlow Serving's and its own HTTP ones, from a registry made for this app."""
-    routes = [
-        Route("/v1/models/{model_name}", status, methods=["GET"]),
-        Route("/v1/models/{model_name}/versions/{version}", status, methods=["GET"]),
-        Route("/v1/models/{model_name}/metadata", metadata, methods=["GET"]),
-        Route("/v1/models/{model_name}/versions/{version}/metadata", metadata, methods=["GET"]),
-        Route("/v1/models/{model_name}:predict", predict_route, methods=["POST"]),
-        Route(
-            "/v1/models/{model_name}/versions/{version}:predict", predict_route, methods=["POST"]
-        ),
-        Route("/openapi.json", openapi, include_in_schema=False),
-        # Anything else under /v1, any method, gets TensorFlow Serving's own answer (400
-        # "Malformed request: OPTIONS /v1/..."), not Starlette's 404 or 405.
-        Route("/v1/{rest:path}", handle, methods=ANY_METHOD, include_in_schema=False),
-    ]
+    routes = list(ROUTES)
     middleware = []
     if metrics is not None and metrics_path:
         registry = CollectorRegistry()
@@ -373,5 +378,5 @@ def create_app(
     app = Starlette(routes=routes, middleware=middleware)
     app.state.servable = servable
     app.state.scheduler = scheduler
-    app.state.metrics = metrics or ServingMetrics(servable.name if servable else "")
+    app.state.metrics = metrics or ServingMetrics(servable.name)
     return app

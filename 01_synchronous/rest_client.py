@@ -13,6 +13,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 
 from cli import client_parser
 
@@ -26,6 +27,9 @@ class ServingError(Exception):
         self.message = message
 
 
+Json = dict[str, Any]  # a JSON object as json.loads returns it
+
+
 class RestClient:
     def __init__(self, host: str, port: int, model: str = "iris", timeout: float = 10.0):
         self.base = f"http://{host}:{port}/v1/models/{model}"
@@ -34,13 +38,14 @@ class RestClient:
     def _url(self, version: int | None, suffix: str = "") -> str:
         return self.base + (f"/versions/{version}" if version is not None else "") + suffix
 
-    def _call(self, url: str, body: dict | None = None) -> dict:
+    def _call(self, url: str, body: Json | None = None) -> Json:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
         request.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
+                answer: Json = json.loads(response.read())
+                return answer
         except urllib.error.HTTPError as exc:
             payload = exc.read()
             try:
@@ -49,24 +54,29 @@ class RestClient:
                 message = payload.decode(errors="replace")
             raise ServingError(exc.code, message) from None
 
-    def status(self, version: int | None = None) -> dict:
+    def status(self, version: int | None = None) -> Json:
         return self._call(self._url(version))
 
-    def metadata(self, version: int | None = None) -> dict:
+    def metadata(self, version: int | None = None) -> Json:
         return self._call(self._url(version, "/metadata"))
 
-    def predict_raw(self, body: dict, version: int | None = None) -> dict:
+    def predict_raw(self, body: Json, version: int | None = None) -> Json:
         return self._call(self._url(version, ":predict"), body)
 
     def predict(
-        self, rows: list, version: int | None = None, columnar: bool = False, signature_name=None
-    ) -> list:
+        self,
+        rows: list[Any],
+        version: int | None = None,
+        columnar: bool = False,
+        signature_name: str | None = None,
+    ) -> list[Any]:
         """Row format (`instances` -> `predictions`) or columnar (`inputs` -> `outputs`)."""
-        body = {"inputs": {"input": rows}} if columnar else {"instances": rows}
+        body: Json = {"inputs": {"input": rows}} if columnar else {"instances": rows}
         if signature_name:
             body["signature_name"] = signature_name
         answer = self.predict_raw(body, version)
-        return answer["outputs"] if columnar else answer["predictions"]
+        values: list[Any] = answer["outputs"] if columnar else answer["predictions"]
+        return values
 
 
 def main(argv: list[str] | None = None) -> int:

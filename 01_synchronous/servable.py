@@ -9,6 +9,8 @@ protocols cannot disagree about what a valid request is.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
+from typing import Any
 
 # Before TensorFlow is imported: keep its C++ INFO lines off the JSON log stream.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,6 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2  # noqa: E402
+from tensorflow.types.experimental import ConcreteFunction  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -61,7 +64,7 @@ class Servable:
     name: str
     version: int
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
-    functions: dict  # signature name -> ConcreteFunction
+    functions: dict[str, ConcreteFunction[..., dict[str, tf.Tensor]]]  # by signature name
     loaded: object  # the loaded SavedModel: owns the variables the functions read
 
     def __post_init__(self) -> None:
@@ -106,13 +109,15 @@ class Servable:
                 grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {wanted}"
             )
 
-    def status(self, name: str, version: int | None) -> dict:
+    def status(self, name: str, version: int | None) -> dict[str, Any]:
         """GetModelStatusResponse as JSON (REST) and as proto (gRPC) share this one builder."""
         return json_format.MessageToDict(
             self.status_proto(name, version), always_print_fields_with_no_presence=True
         )
 
-    def status_proto(self, name: str, version: int | None):
+    def status_proto(
+        self, name: str, version: int | None
+    ) -> get_model_status_pb2.GetModelStatusResponse:
         if name != self.name:
             raise ServingError(
                 grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}"
@@ -139,7 +144,7 @@ class Servable:
             result.signature_def[key].CopyFrom(sig)
         return result
 
-    def metadata(self, name: str, version: int | None) -> dict:
+    def metadata(self, name: str, version: int | None) -> dict[str, Any]:
         self.check_spec(name, version)
         as_dict = lambda m: json_format.MessageToDict(  # noqa: E731
             m, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
@@ -177,7 +182,7 @@ class Servable:
         if shape and shape[0] > MAX_ROWS:
             raise invalid(f"{name}: {shape[0]} rows, more than the {MAX_ROWS} allowed per request")
 
-    def check_names(self, signature_key: str, names) -> None:
+    def check_names(self, signature_key: str, names: Collection[str]) -> None:
         """The inputs sent must be exactly the signature's, with TensorFlow Serving's wording."""
         specs = self.input_specs[signature_key]
         if set(names) != specs.keys():

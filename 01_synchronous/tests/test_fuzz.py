@@ -9,7 +9,7 @@ No answer may be a 5xx or contradict the schema (status codes, content type, bod
 
 import pytest
 import schemathesis
-from conftest import REAL_SERVER
+from conftest import REAL_SERVER, Server
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance, unsupported_method
 
@@ -18,9 +18,9 @@ calls: dict[str, int] = {}  # requests made per operation, printed at the end
 
 
 def openapi_document() -> dict:
-    from rest_api import create_app, openapi_schema
+    from rest_api import ROUTES, openapi_schema
 
-    return openapi_schema(create_app(None, None).routes)
+    return openapi_schema(ROUTES)
 
 
 if REAL_SERVER:
@@ -37,7 +37,7 @@ schema = schemathesis.openapi.from_dict(openapi_document())
     deadline=None,  # a loaded machine: time is not what is tested here
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-def test_rest_api_fuzz(case, server):
+def test_rest_api_fuzz(case: schemathesis.Case, server: Server) -> None:
     calls[case.operation.label] = calls.get(case.operation.label, 0) + 1
     # TensorFlow Serving answers any other method under /v1 with 400 "Malformed request", not
     # 405; and a schema-valid predict body may still be refused: its shape is the model's.
@@ -47,13 +47,13 @@ def test_rest_api_fuzz(case, server):
     )
 
 
-def test_fuzz_request_count(capsys):
+def test_fuzz_request_count(capsys: pytest.CaptureFixture[str]) -> None:
     """Prints how many requests the fuzz test made (run with -s to see it)."""
     with capsys.disabled():
         print(f"\nschemathesis requests per operation: {calls}; total {sum(calls.values())}")
 
 
-def test_openapi_json_is_served(server):
+def test_openapi_json_is_served(server: Server) -> None:
     import json
     import urllib.request
 
