@@ -31,13 +31,15 @@ METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 class HttpMetrics:
     """Counts and times every HTTP request by method, route template and status (pure ASGI).
 
-    The route is found as the router finds it (a full match, else a partial one: a 405), and
-    labelled by its template ("/data/{item_id}"), never the raw path; a path no route matches
-    is "unmatched", so no client can create a series. Outermost: the API key's 401s are counted.
+    The label is the route's template ("/data/{item_id}"), never the raw path: the router leaves
+    the endpoint it chose in the scope, and each endpoint has one template. A request answered
+    before routing (the API key's 401: this middleware is outermost) is matched here as the
+    router would; a path no route matches is "unmatched", so no client can create a series.
     """
 
     def __init__(self, app, registry: CollectorRegistry, routes: list) -> None:
         self.app, self.routes = app, routes
+        self.templates = {route.endpoint: route.path_format for route in routes}
         self.requests = Counter(
             "http_requests_total",
             "HTTP requests answered, by method, route template and status",
@@ -53,7 +55,10 @@ class HttpMetrics:
         )
 
     def route_of(self, scope) -> str:
-        partial = None
+        template = self.templates.get(scope.get("endpoint"))
+        if template is not None:
+            return template
+        partial = None  # not routed: a full match, else a partial one (a 405), as the router
         for route in self.routes:
             match = route.matches(scope)[0]
             if match == Match.FULL:
