@@ -2,8 +2,21 @@
 # The README's walkthrough, for real: start TensorFlow Serving, the proxy and two workers,
 # submit jobs and poll them, show a failed job and a cancelled one, stop everything.
 # Exits non-zero if any answer is not the expected one. Run it via `make demo`.
+#   COMPOSE="docker compose" ./demo.sh   against a compose stack that is already up (and new, so
+#                                        the job list is the README's): the proxy's address is
+#                                        PROXY_URL, else `$COMPOSE port proxy 8000`; redis-cli
+#                                        runs in the redis container, the cancel stops and starts
+#                                        the worker service. No process of its own.
 set -euo pipefail
 source "$(dirname "$0")/run.sh"
+if [[ -n ${COMPOSE:-} ]]; then
+    P=${PROXY_URL:-http://$($COMPOSE port proxy 8000)}
+    # The container has the password in REDISCLI_AUTH; database 0 is compose.yaml's REDIS_URL.
+    redis_cli() { $COMPOSE exec -T redis redis-cli "$@"; }
+    stop() { $COMPOSE stop "$1"; }
+    start_worker() { $COMPOSE start worker; }
+    stop_all() { $COMPOSE start worker >/dev/null 2>&1 || true; }  # left as it was found
+fi
 
 LOGS=$(mktemp)
 failed=0
@@ -56,17 +69,21 @@ poll() {
     fi
 }
 
-check_ports_free
-check_redis
-echo "# starting TensorFlow Serving :$TF_SERVING_GRPC_PORT/:$TF_SERVING_REST_PORT, proxy :$PORT," \
-    "$NUM_WORKERS workers; Redis $(redis_where) (logs to a temp file)"
-start_tf_serving >>"$LOGS" 2>&1
-wait_tf_serving || { failed=1; exit 1; }
-start_proxy >>"$LOGS" 2>&1
-start_worker >>"$LOGS" 2>&1
-wait_healthy || { failed=1; exit 1; }
+if [[ -n ${COMPOSE:-} ]]; then
+    echo "# against the compose stack: proxy $P (logs of stop/start to a temp file)"
+else
+    check_ports_free
+    check_redis
+    echo "# starting TensorFlow Serving :$TF_SERVING_GRPC_PORT/:$TF_SERVING_REST_PORT, proxy :$PORT," \
+        "$NUM_WORKERS workers; Redis $(redis_where) (logs to a temp file)"
+    start_tf_serving >>"$LOGS" 2>&1
+    wait_tf_serving || { failed=1; exit 1; }
+    start_proxy >>"$LOGS" 2>&1
+    start_worker >>"$LOGS" 2>&1
+    wait_healthy || { failed=1; exit 1; }
+    P=http://127.0.0.1:$PORT
+fi
 echo
-P=http://127.0.0.1:$PORT
 
 echo "## submit: the answer is a job id, at once"
 show 202 POST "$P/predict" '{"data": [[5.1, 3.5, 1.4, 0.2], [6.2, 2.9, 4.3, 1.3]]}'
