@@ -16,11 +16,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from rest_client import RestClient
+
+if TYPE_CHECKING:  # imports TensorFlow: loaded only by the tests that use it
+    from grpc_client import GrpcClient
 
 CHAPTER = Path(__file__).resolve().parents[1]
 MODELS = CHAPTER.parent / "models"
@@ -31,6 +37,8 @@ STARTUP_TIMEOUT = 180  # seconds: loading TensorFlow on a busy 2-core machine is
 BATCHING_FLAGS = ("--enable_batching", f"--batching_parameters_file={CHAPTER / 'batching.config'}")
 MONITORING_FLAG = f"--monitoring_config_file={CHAPTER / 'monitoring.config'}"
 METRICS_PATH = "/monitoring/prometheus/metrics"  # what monitoring.config enables
+Iris = tuple[np.ndarray, np.ndarray]  # the 150 rows (float32 [150, 4]) and their labels
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (name, labels) -> value
 local_only = pytest.mark.skipif(REAL_SERVER, reason="starts its own local server")
 stand_in_only = pytest.mark.skipif(
     REAL_SERVER, reason="a limit of the stand-in only: TensorFlow Serving has none"
@@ -47,19 +55,23 @@ class Server:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def model_state(host: str, rest_port: int) -> str | None:
     try:
         url = f"http://{host}:{rest_port}/v1/models/iris"
         with urllib.request.urlopen(url, timeout=2) as response:
-            return json.loads(response.read())["model_version_status"][0]["state"]
+            state: str = json.loads(response.read())["model_version_status"][0]["state"]
+            return state
     except OSError:
         return None
 
 
-def start_local_server(*extra: str, base_path: Path = MODEL_BASE_PATH):
+def start_local_server(
+    *extra: str, base_path: Path = MODEL_BASE_PATH
+) -> tuple[subprocess.Popen[str], Server]:
     """Starts local_serving.py on free ports; returns (process, Server) once AVAILABLE."""
     rest_port, grpc_port = free_port(), free_port()
     command = [
@@ -82,7 +94,7 @@ def start_local_server(*extra: str, base_path: Path = MODEL_BASE_PATH):
     return process, Server("127.0.0.1", rest_port, grpc_port)
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -93,7 +105,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def server():
+def server() -> Iterator[Server]:
     if REAL_SERVER:
         host = os.environ["TF_SERVING_HOST"]
         rest_port = int(os.environ.get("TF_SERVING_REST_PORT", "8501"))
@@ -115,7 +127,7 @@ def server():
 
 
 @pytest.fixture(scope="session")
-def iris() -> tuple[np.ndarray, np.ndarray]:
+def iris() -> Iris:
     """The 150 Iris rows (float32 [150, 4]) and their labels."""
     with (MODELS / "iris.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -126,36 +138,36 @@ def iris() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def saved_model():
+def saved_model() -> Any:  # the stub's type for a loaded SavedModel is private
     import tensorflow as tf
 
     return tf.saved_model.load(str(MODEL_BASE_PATH / "1"))
 
 
 @pytest.fixture(scope="session")
-def expected(saved_model, iris) -> np.ndarray:
+def expected(saved_model: Any, iris: Iris) -> np.ndarray:
     """The SavedModel's own output for the 150 rows: what every server must answer."""
     import tensorflow as tf
 
-    return saved_model.signatures["serving_default"](input=tf.constant(iris[0]))["output"].numpy()
+    signature = saved_model.signatures["serving_default"]
+    output: np.ndarray = signature(input=tf.constant(iris[0]))["output"].numpy()
+    return output
 
 
 @pytest.fixture(scope="session")
-def rest(server):
-    from rest_client import RestClient
-
+def rest(server: Server) -> RestClient:
     return RestClient(server.host, server.rest_port, "iris", timeout=30)
 
 
 @pytest.fixture(scope="session")
-def grpc_client(server):
+def grpc_client(server: Server) -> Iterator[GrpcClient]:
     from grpc_client import GrpcClient
 
     with GrpcClient(server.host, server.grpc_port, "iris", timeout=30) as client:
         yield client
 
 
-def scrape(server: Server) -> dict[tuple[str, frozenset], float]:
+def scrape(server: Server) -> Samples:
     """Every sample of the server's Prometheus page: (name, labels) -> value, parsed by
     prometheus-client's own parser."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -4,10 +4,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from rest_client import ServingError
+from conftest import Iris
+from rest_client import RestClient, ServingError
 
 
-def test_concurrent_requests_each_get_their_own_rows(rest, iris, expected):
+def test_concurrent_requests_each_get_their_own_rows(
+    rest: RestClient, iris: Iris, expected: np.ndarray
+) -> None:
     rows = iris[0]
 
     def one(i: int) -> np.ndarray:  # 1 to 3 rows per request, so batches mix sizes
@@ -19,7 +22,7 @@ def test_concurrent_requests_each_get_their_own_rows(rest, iris, expected):
         np.testing.assert_allclose(got, expected[i : i + 1 + i % 3], atol=1e-5)
 
 
-def test_request_larger_than_max_batch_size_is_400(rest, iris):
+def test_request_larger_than_max_batch_size_is_400(rest: RestClient, iris: Iris) -> None:
     rows = np.concatenate([iris[0], iris[0]])[:257].tolist()  # batching.config: 256
     with pytest.raises(ServingError) as info:
         rest.predict(rows)

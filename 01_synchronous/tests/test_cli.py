@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import CHAPTER
+from conftest import CHAPTER, Server
 
 
-def run(server, *args: str) -> subprocess.CompletedProcess:
+def run(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(
         os.environ,
         TF_SERVING_HOST=server.host,
@@ -22,20 +22,20 @@ def run(server, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_rest_client_cli(server, expected):
+def test_rest_client_cli(server: Server, expected: np.ndarray) -> None:
     assert json.loads(run(server, "rest_client.py", "status").stdout)["model_version_status"]
     rows = json.dumps([[5.1, 3.5, 1.4, 0.2]])
     answer = json.loads(run(server, "rest_client.py", "predict", "--rows", rows).stdout)
     np.testing.assert_allclose(answer["predictions"], expected[:1], atol=1e-5)
 
 
-def test_rest_client_cli_reports_errors(server):
+def test_rest_client_cli_reports_errors(server: Server) -> None:
     result = run(server, "rest_client.py", "predict", "--model", "nope")
     assert result.returncode == 1
     assert json.loads(result.stderr)["status"] == 404
 
 
-def test_grpc_client_cli(server, expected):
+def test_grpc_client_cli(server: Server, expected: np.ndarray) -> None:
     rows = json.dumps([[5.1, 3.5, 1.4, 0.2]])
     result = run(server, "grpc_client.py", "predict", "--rows", rows)
     np.testing.assert_allclose(json.loads(result.stdout)["output"], expected[:1], atol=1e-5)

@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ STATUS_ANSWERS = [
 ]
 
 
-def test_walkthrough_gives_the_readme_answers():
+def test_walkthrough_gives_the_readme_answers() -> None:
     run = subprocess.run(
         ["./demo.sh"], cwd=CHAPTER, env=server_env(), capture_output=True, text=True, timeout=300
     )
@@ -134,7 +135,7 @@ def json_values(text: str) -> list:
     return values
 
 
-def test_client_service_answers_with_the_right_classes():
+def test_client_service_answers_with_the_right_classes() -> None:
     # The image from this checkout (`up` leaves the profiled client out; cached layers make it
     # quick after the first run).
     build = compose("--profile", "client", "build", "client", timeout=1800)
@@ -149,7 +150,7 @@ def test_client_service_answers_with_the_right_classes():
     np.testing.assert_allclose(rest["predictions"], grpc_["output"], rtol=1e-6)
 
 
-def test_client_image_runs_as_a_user_and_its_size(capsys):
+def test_client_image_runs_as_a_user_and_its_size(capsys: pytest.CaptureFixture[str]) -> None:
     run = compose("run", "--rm", "--no-deps", "-T", "client", "id", "-u")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() != "0", "the client image runs as root"
@@ -164,7 +165,7 @@ def test_client_image_runs_as_a_user_and_its_size(capsys):
         print()
 
 
-def test_chapter_tests_pass_against_the_container(capsys):
+def test_chapter_tests_pass_against_the_container(capsys: pytest.CaptureFixture[str]) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not containers"],
         cwd=CHAPTER, env=server_env(), capture_output=True, text=True, timeout=1200,
@@ -177,15 +178,16 @@ def test_chapter_tests_pass_against_the_container(capsys):
 PROMETHEUS_TIMEOUT = 120  # seconds: start, first scrapes, a query's window filling
 
 
-def prometheus_api(path: str) -> dict:
+def prometheus_api(path: str) -> dict[str, Any]:
     host, port = published_by("prometheus", 9090)
     with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as response:
         answer = json.loads(response.read())
     assert answer["status"] == "success", answer
-    return answer["data"]
+    data: dict[str, Any] = answer["data"]
+    return data
 
 
-def test_monitoring_profile_scrapes_tfserving():
+def test_monitoring_profile_scrapes_tfserving() -> None:
     # chapter.sh starts the stack without profiles: the profile's Prometheus is started (and
     # removed) here, from the chapter's own prometheus.yml.
     up = compose("--profile", "monitoring", "up", "-d", "--wait", "--pull", "never", "prometheus")
@@ -228,7 +230,7 @@ def container_state(container: str) -> dict:
     return dict(json.loads(state), RestartCount=int(restarts))
 
 
-def test_a_crashed_server_is_restarted():
+def test_a_crashed_server_is_restarted() -> None:
     container = compose("ps", "-q", "tfserving").stdout.strip()
     before = container_state(container)
     assert before["Running"] and before["Health"]["Status"] == "healthy"

@@ -1,17 +1,19 @@
 """The gRPC API (8500) through grpc_client.py: protos, predictions, and every error."""
 
+from collections.abc import Callable
+
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import stand_in_only
-from grpc_client import predict_request
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
+from conftest import Iris, Server, stand_in_only
+from grpc_client import GrpcClient, predict_request
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
 TOLERANCE = 1e-5
 
 
-def test_status(grpc_client):
+def test_status(grpc_client: GrpcClient) -> None:
     (version_status,) = grpc_client.status().model_version_status
     assert version_status.version == 1
     assert version_status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
@@ -19,7 +21,7 @@ def test_status(grpc_client):
     assert grpc_client.status(version=1).model_version_status[0].version == 1
 
 
-def test_metadata(grpc_client):
+def test_metadata(grpc_client: GrpcClient) -> None:
     response = grpc_client.metadata()
     assert response.model_spec.name == "iris" and response.model_spec.version.value == 1
     signatures = get_model_metadata_pb2.SignatureDefMap()
@@ -31,13 +33,17 @@ def test_metadata(grpc_client):
 
 
 @pytest.mark.parametrize("size", [1, 150])
-def test_predict_equals_the_saved_model(grpc_client, iris, expected, size):
+def test_predict_equals_the_saved_model(
+    grpc_client: GrpcClient, iris: Iris, expected: np.ndarray, size: int
+) -> None:
     got = grpc_client.predict(iris[0][:size])
     assert got.shape == (size, 3)
     np.testing.assert_allclose(got, expected[:size], atol=TOLERANCE)
 
 
-def test_predict_response_carries_model_spec_and_float_val(grpc_client, iris):
+def test_predict_response_carries_model_spec_and_float_val(
+    grpc_client: GrpcClient, iris: Iris
+) -> None:
     request = predict_request("iris", iris[0][:2], version=1)
     response = grpc_client.predictions.Predict(request, timeout=30)
     assert response.model_spec.name == "iris" and response.model_spec.version.value == 1
@@ -47,7 +53,7 @@ def test_predict_response_carries_model_spec_and_float_val(grpc_client, iris):
     assert [d.size for d in output.tensor_shape.dim] == [2, 3]
 
 
-def rpc_error(call) -> grpc.RpcError:
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value
@@ -56,7 +62,7 @@ def rpc_error(call) -> grpc.RpcError:
 ROW = np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)
 
 
-def test_unknown_model_is_not_found(server, iris):
+def test_unknown_model_is_not_found(server: Server, iris: Iris) -> None:
     from grpc_client import GrpcClient
 
     with GrpcClient(server.host, server.grpc_port, "nope", timeout=30) as other:
@@ -64,7 +70,7 @@ def test_unknown_model_is_not_found(server, iris):
             assert rpc_error(call).code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_unknown_version_is_not_found(grpc_client):
+def test_unknown_version_is_not_found(grpc_client: GrpcClient) -> None:
     for call in (
         lambda: grpc_client.predict(ROW, version=99),
         lambda: grpc_client.status(version=99),
@@ -73,38 +79,42 @@ def test_unknown_version_is_not_found(grpc_client):
         assert rpc_error(call).code() == grpc.StatusCode.NOT_FOUND
 
 
-def send(grpc_client, request):
+def send(
+    grpc_client: GrpcClient, request: predict_pb2.PredictRequest
+) -> predict_pb2.PredictResponse:
     return grpc_client.predictions.Predict(request, timeout=30)
 
 
-def test_wrong_shape_is_invalid_argument(grpc_client):
+def test_wrong_shape_is_invalid_argument(grpc_client: GrpcClient) -> None:
     request = predict_request("iris", np.array([[5.1, 3.5, 1.4]], np.float32))
     error = rpc_error(lambda: send(grpc_client, request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_wrong_input_name_is_invalid_argument(grpc_client):
+def test_wrong_input_name_is_invalid_argument(grpc_client: GrpcClient) -> None:
     request = predict_request("iris", ROW)
     request.inputs["x"].CopyFrom(request.inputs.pop("input"))
     error = rpc_error(lambda: send(grpc_client, request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "input" in error.details()
+    assert "input" in (error.details() or "")
 
 
-def test_non_numeric_values_are_invalid_argument(grpc_client):
+def test_non_numeric_values_are_invalid_argument(grpc_client: GrpcClient) -> None:
     request = predict_request("iris", ROW)
     request.inputs["input"].CopyFrom(tf.make_tensor_proto([["a", "b", "c", "d"]]))
     error = rpc_error(lambda: send(grpc_client, request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_unknown_signature_is_failed_precondition(grpc_client):
+def test_unknown_signature_is_failed_precondition(grpc_client: GrpcClient) -> None:
     # TensorFlow Serving's predict_util.cc answers FAILED_PRECONDITION here (REST says 400).
     error = rpc_error(lambda: grpc_client.predict(ROW, signature_name="nope"))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_the_server_still_answers_after_errors(grpc_client, iris, expected):
+def test_the_server_still_answers_after_errors(
+    grpc_client: GrpcClient, iris: Iris, expected: np.ndarray
+) -> None:
     test_wrong_shape_is_invalid_argument(grpc_client)
     np.testing.assert_allclose(grpc_client.predict(iris[0][:2]), expected[:2], atol=TOLERANCE)
 
@@ -114,7 +124,7 @@ def test_the_server_still_answers_after_errors(grpc_client, iris, expected):
 MAX_ROWS = 1_000_000  # servable.MAX_ROWS, stated here as the README does
 
 
-def declared(rows: int, columns: int = 4):
+def declared(rows: int, columns: int = 4) -> predict_pb2.PredictRequest:
     """A ~50-byte request declaring [rows, columns] with a single float_val."""
     from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
@@ -128,7 +138,7 @@ def declared(rows: int, columns: int = 4):
     return request
 
 
-def test_huge_declared_shape_is_refused_before_any_array_is_built(grpc_client):
+def test_huge_declared_shape_is_refused_before_any_array_is_built(grpc_client: GrpcClient) -> None:
     # [2**40, 4]: padding that to a 17.6 TB array fails; it must be refused from the shape.
     request = declared(2**40)
     assert request.ByteSize() < 60
@@ -137,18 +147,18 @@ def test_huge_declared_shape_is_refused_before_any_array_is_built(grpc_client):
 
 
 @stand_in_only
-def test_declared_rows_over_max_rows_are_refused(grpc_client):
+def test_declared_rows_over_max_rows_are_refused(grpc_client: GrpcClient) -> None:
     error = rpc_error(lambda: send(grpc_client, declared(MAX_ROWS + 1)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"more than the {MAX_ROWS} allowed" in error.details()
+    assert f"more than the {MAX_ROWS} allowed" in (error.details() or "")
 
 
-def test_declared_wrong_shape_is_refused_before_any_array_is_built(grpc_client):
+def test_declared_wrong_shape_is_refused_before_any_array_is_built(grpc_client: GrpcClient) -> None:
     error = rpc_error(lambda: send(grpc_client, declared(10, 10**9)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_message_over_grpc_default_4_mib_is_accepted(grpc_client):
+def test_message_over_grpc_default_4_mib_is_accepted(grpc_client: GrpcClient) -> None:
     # 400,000 rows of 3 floats (4.8 MB) pass gRPC's 4 MiB default; the shape is then refused.
     request = predict_request("iris", np.zeros((400_000, 3), np.float32))
     assert request.ByteSize() > 4 * 1024 * 1024
@@ -156,7 +166,7 @@ def test_message_over_grpc_default_4_mib_is_accepted(grpc_client):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_unknown_version_label_is_invalid_argument(grpc_client):
+def test_unknown_version_label_is_invalid_argument(grpc_client: GrpcClient) -> None:
     request = predict_request("iris", ROW)
     request.model_spec.version_label = "canary"
     error = rpc_error(lambda: send(grpc_client, request))

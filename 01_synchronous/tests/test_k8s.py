@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -31,12 +32,13 @@ K8S_ONLY_ARGS = {
 
 
 @pytest.fixture(scope="module")
-def objects() -> list[dict]:
+def objects() -> list[dict[str, Any]]:
     done = subprocess.run(
         [sys.executable, str(CHECK), str(CHAPTER)], capture_output=True, text=True
     )
     assert done.returncode == 0, f"{CHECK.name} failed:\n{done.stderr}"
-    return json.loads(done.stdout)
+    rendered: list[dict[str, Any]] = json.loads(done.stdout)
+    return rendered
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +67,9 @@ def container_env(container: dict, objects: list[dict]) -> dict[str, str | None]
     return env
 
 
-def pod_of(obj: dict) -> dict:
-    return obj["spec"]["template"]["spec"]
+def pod_of(obj: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = obj["spec"]["template"]["spec"]
+    return pod
 
 
 def flag_value(args: list[str], flag: str) -> str:
@@ -74,7 +77,7 @@ def flag_value(args: list[str], flag: str) -> str:
     return value
 
 
-def test_every_compose_role_is_here(objects, compose):
+def test_every_compose_role_is_here(objects: list[dict[str, Any]], compose: dict[str, Any]) -> None:
     """tfserving: a Deployment with its Service, HPA and PDB; the one-shot client: a Job."""
     assert set(compose) == {"tfserving", "client"}
     assert set(by_kind(objects, "Deployment")) == {"tfserving"}
@@ -93,7 +96,9 @@ def test_every_compose_role_is_here(objects, compose):
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
 
 
-def test_tfserving_as_compose_runs_it(objects, compose):
+def test_tfserving_as_compose_runs_it(
+    objects: list[dict[str, Any]], compose: dict[str, Any]
+) -> None:
     """Same image, flags (the entrypoint's arguments), ports, environment, health path, mounts."""
     service = compose["tfserving"]
     pod = pod_of(by_kind(objects, "Deployment")["tfserving"])
@@ -110,7 +115,9 @@ def test_tfserving_as_compose_runs_it(objects, compose):
     assert container_env(container, objects) == service["environment"]
     # compose's healthcheck: bash's /dev/tcp/127.0.0.1/<port>, then `GET <path> HTTP/1.0`.
     test = " ".join(service["healthcheck"]["test"])
-    port, path = re.search(r"/dev/tcp/127\.0\.0\.1/(\d+) .*GET (\S+) HTTP", test).groups()
+    probe_command = re.search(r"/dev/tcp/127\.0\.0\.1/(\d+) .*GET (\S+) HTTP", test)
+    assert probe_command, test
+    port, path = probe_command.groups()
     assert ports["rest"] == int(port)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": path, "port": "rest"}, probe
@@ -131,7 +138,7 @@ def test_tfserving_as_compose_runs_it(objects, compose):
         assert name in configmap(objects, source)["data"], target
 
 
-def test_config_files_are_the_chapters(objects):
+def test_config_files_are_the_chapters(objects: list[dict[str, Any]]) -> None:
     """kustomize reads only k8s/, so it holds copies: byte for byte the files compose mounts."""
     pod = pod_of(by_kind(objects, "Deployment")["tfserving"])
     (volume,) = [v for v in pod["volumes"] if v["name"] == "flags"]
@@ -145,12 +152,16 @@ def test_config_files_are_the_chapters(objects):
         assert flag_value(container["args"], flag).removeprefix("/config/") in flags, flag
 
 
-def test_the_readme_command_makes_the_model_configmap_the_pod_mounts(objects):
+def test_the_readme_command_makes_the_model_configmap_the_pod_mounts(
+    objects: list[dict[str, Any]],
+) -> None:
     """kustomization.yaml's `kubectl create configmap iris-model ...`, run (client side only):
     its keys are the four files of models/iris/1, each mounted back at its own path, and the
     whole fits a ConfigMap."""
     comment = (K8S / "kustomization.yaml").read_text()
-    command = re.search(r"create configmap iris-model \\\n#\s+(.*)\n", comment)[1].split()
+    found = re.search(r"create configmap iris-model \\\n#\s+(.*)\n", comment)
+    assert found, "kustomization.yaml has no `kubectl create configmap iris-model` comment"
+    command = found[1].split()
     done = subprocess.run(
         [str(KUBECTL), "create", "configmap", "iris-model", *command, "--dry-run=client"]
         + ["-o", "json"],
@@ -173,7 +184,9 @@ def test_the_readme_command_makes_the_model_configmap_the_pod_mounts(objects):
     assert len(done.stdout.encode()) < 1024 * 1024, "a ConfigMap holds 1 MiB at most"
 
 
-def test_client_job_as_compose_runs_it(objects, compose):
+def test_client_job_as_compose_runs_it(
+    objects: list[dict[str, Any]], compose: dict[str, Any]
+) -> None:
     service = compose["client"]
     job = by_kind(objects, "Job")["client"]
     pod = pod_of(job)
@@ -191,10 +204,9 @@ def test_client_job_as_compose_runs_it(objects, compose):
         if s["metadata"]["name"] == env["TF_SERVING_HOST"]
     ]
     ports = {p["name"]: p["port"] for p in tfserving["spec"]["ports"]}
-    assert ports == {
-        "rest": int(env["TF_SERVING_REST_PORT"]),
-        "grpc": int(env["TF_SERVING_GRPC_PORT"]),
-    }
+    rest_port, grpc_port = env["TF_SERVING_REST_PORT"], env["TF_SERVING_GRPC_PORT"]
+    assert rest_port and grpc_port, env
+    assert ports == {"rest": int(rest_port), "grpc": int(grpc_port)}
     # One-shot, as compose's profile service: no restarts in place, retries while the server
     # is not ready yet (compose's depends_on: service_healthy), removed once done.
     assert pod["restartPolicy"] == "Never"
@@ -202,7 +214,7 @@ def test_client_job_as_compose_runs_it(objects, compose):
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
 
 
-def test_services_reach_the_container_ports(objects):
+def test_services_reach_the_container_ports(objects: list[dict[str, Any]]) -> None:
     (container,) = pod_of(by_kind(objects, "Deployment")["tfserving"])["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     services = by_kind(objects, "Service")
@@ -214,7 +226,7 @@ def test_services_reach_the_container_ports(objects):
     assert [p["name"] for p in services["tfserving-grpc"]["spec"]["ports"]] == ["grpc"]
 
 
-def test_pods_leave_after_their_grpc_connections(objects):
+def test_pods_leave_after_their_grpc_connections(objects: list[dict[str, Any]]) -> None:
     """preStop outlasts a connection's maximum age (gRPC adds up to 10% jitter) plus its grace,
     so every client has reconnected elsewhere before SIGTERM; the grace period outlasts both."""
     pod = pod_of(by_kind(objects, "Deployment")["tfserving"])
@@ -230,13 +242,15 @@ def test_pods_leave_after_their_grpc_connections(objects):
     assert pod["terminationGracePeriodSeconds"] > pause
 
 
-def test_scraped_where_tfserving_serves_its_metrics(objects):
+def test_scraped_where_tfserving_serves_its_metrics(objects: list[dict[str, Any]]) -> None:
     """The annotations name monitoring.config's path on the REST port, as prometheus.yml does."""
     template = by_kind(objects, "Deployment")["tfserving"]["spec"]["template"]
     annotations = template["metadata"]["annotations"]
     (container,) = template["spec"]["containers"]
     monitoring = (CHAPTER / "monitoring.config").read_text()
-    assert annotations["prometheus.io/path"] == re.search(r'path: "([^"]+)"', monitoring)[1]
+    configured = re.search(r'path: "([^"]+)"', monitoring)
+    assert configured, monitoring
+    assert annotations["prometheus.io/path"] == configured[1]
     (job,) = yaml.safe_load((CHAPTER / "prometheus.yml").read_text())["scrape_configs"]
     assert annotations["prometheus.io/path"] == job["metrics_path"]
     rest = [p["containerPort"] for p in container["ports"] if p["name"] == "rest"]

@@ -7,17 +7,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CHAPTER, MODEL_BASE_PATH, local_only, start_local_server, stop
+from conftest import CHAPTER, MODEL_BASE_PATH, Iris, local_only, start_local_server, stop
 from rest_client import RestClient, ServingError
 
 pytestmark = local_only
 
 
 @pytest.fixture(scope="module")
-def two_versions(tmp_path_factory):
+def two_versions(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[str], RestClient]]:
     """Versions 1 and 7 of the same SavedModel, served without batching."""
     base = tmp_path_factory.mktemp("models") / "iris"
     base.mkdir()
@@ -29,7 +33,9 @@ def two_versions(tmp_path_factory):
     stop(process)
 
 
-def test_serves_the_highest_numbered_version(two_versions):
+def test_serves_the_highest_numbered_version(
+    two_versions: tuple[subprocess.Popen[str], RestClient],
+) -> None:
     _, client = two_versions
     assert client.status()["model_version_status"][0]["version"] == "7"
     with pytest.raises(ServingError) as info:
@@ -37,7 +43,9 @@ def test_serves_the_highest_numbered_version(two_versions):
     assert info.value.status == 404
 
 
-def test_predicts_without_batching(two_versions, iris, expected):
+def test_predicts_without_batching(
+    two_versions: tuple[subprocess.Popen[str], RestClient], iris: Iris, expected: np.ndarray
+) -> None:
     _, client = two_versions
     np.testing.assert_allclose(client.predict(iris[0].tolist()), expected, atol=1e-5)
 
@@ -45,7 +53,9 @@ def test_predicts_without_batching(two_versions, iris, expected):
 MAX_CONNECTIONS = 200  # local_serving.MAX_CONNECTIONS, stated here as the README does
 
 
-def test_connections_past_the_limit_get_503(two_versions):
+def test_connections_past_the_limit_get_503(
+    two_versions: tuple[subprocess.Popen[str], RestClient],
+) -> None:
     _, client = two_versions
     port = int(client.base.split(":")[2].split("/")[0])
     idle = [socket.create_connection(("127.0.0.1", port), timeout=30)]
@@ -72,7 +82,9 @@ def test_connections_past_the_limit_get_503(two_versions):
 HEADER_TIMEOUT_SECONDS = 10  # local_serving.HEADER_TIMEOUT_SECONDS
 
 
-def test_a_client_dribbling_its_headers_is_cut_off(two_versions):
+def test_a_client_dribbling_its_headers_is_cut_off(
+    two_versions: tuple[subprocess.Popen[str], RestClient],
+) -> None:
     # One header byte a second: each byte is activity, but the headers never complete.
     _, client = two_versions
     port = int(client.base.split(":")[2].split("/")[0])
@@ -96,7 +108,9 @@ def test_a_client_dribbling_its_headers_is_cut_off(two_versions):
     assert time.monotonic() - started >= HEADER_TIMEOUT_SECONDS - 1
 
 
-def test_headers_over_the_size_limit_are_cut_off(two_versions):
+def test_headers_over_the_size_limit_are_cut_off(
+    two_versions: tuple[subprocess.Popen[str], RestClient],
+) -> None:
     # uvicorn's httptools parser keeps every header byte: 2 MiB of one header must not be kept.
     _, client = two_versions
     port = int(client.base.split(":")[2].split("/")[0])
@@ -112,7 +126,9 @@ def test_headers_over_the_size_limit_are_cut_off(two_versions):
     assert time.monotonic() - started < HEADER_TIMEOUT_SECONDS / 2  # not the timeout's doing
 
 
-def test_no_metrics_page_without_a_monitoring_config(two_versions):
+def test_no_metrics_page_without_a_monitoring_config(
+    two_versions: tuple[subprocess.Popen[str], RestClient],
+) -> None:
     # As TensorFlow Serving: the page exists only when --monitoring_config_file enables it.
     _, client = two_versions
     url = client.base.split("/v1/")[0] + "/monitoring/prometheus/metrics"
@@ -121,10 +137,12 @@ def test_no_metrics_page_without_a_monitoring_config(two_versions):
     assert info.value.code == 404
 
 
-def test_logs_are_json_lines_and_sigterm_stops_cleanly(two_versions):
+def test_logs_are_json_lines_and_sigterm_stops_cleanly(
+    two_versions: tuple[subprocess.Popen[str], RestClient],
+) -> None:
     process, _ = two_versions
     stop(process)
-    assert process.returncode == 0
+    assert process.returncode == 0 and process.stdout is not None
     lines = process.stdout.read().splitlines()
     assert lines and all(json.loads(line)["level"] for line in lines)
     # HOST is unset in the tests: both servers bind the loopback address only.
@@ -133,7 +151,7 @@ def test_logs_are_json_lines_and_sigterm_stops_cleanly(two_versions):
     assert any("Uvicorn running on http://127.0.0.1:" in m for m in messages)
 
 
-def test_missing_model_path_fails_fast_with_a_message(tmp_path):
+def test_missing_model_path_fails_fast_with_a_message(tmp_path: Path) -> None:
     command = [
         sys.executable, "local_serving.py", "--port=0", "--rest_api_port=0",
         f"--model_base_path={tmp_path / 'nothing'}",
@@ -144,7 +162,7 @@ def test_missing_model_path_fails_fast_with_a_message(tmp_path):
     assert "cannot start" in message and "nothing" in message
 
 
-def test_a_wrong_monitoring_config_fails_fast_with_a_message(tmp_path):
+def test_a_wrong_monitoring_config_fails_fast_with_a_message(tmp_path: Path) -> None:
     config = tmp_path / "monitoring.config"
     config.write_text("prometheus_config { enable: yes please }")
     command = [

@@ -8,11 +8,13 @@ the same flag); http_requests_total is the stand-in's own.
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import CHAPTER, METRICS_PATH, scrape, stand_in_only
+from conftest import CHAPTER, METRICS_PATH, Samples, Server, scrape, stand_in_only
+from grpc_client import GrpcClient
 from rest_client import RestClient, ServingError
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
@@ -22,15 +24,17 @@ QUEUING = ":tensorflow:serving:batching_session:queuing_latency"
 RUNS = ":tensorflow:serving:batching_session:wrapped_run_count"
 
 
-def sample(samples: dict, name: str, **labels) -> float:
+def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0)
 
 
-def moved(before: dict, after: dict, name: str, **labels) -> float:
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return sample(after, name, **labels) - sample(before, name, **labels)
 
 
-def test_predict_counters_move_by_what_was_sent(server, rest, grpc_client):
+def test_predict_counters_move_by_what_was_sent(
+    server: Server, rest: RestClient, grpc_client: GrpcClient
+) -> None:
     before = scrape(server)
     for _ in range(5):
         rest.predict(ROW)
@@ -59,7 +63,7 @@ def test_predict_counters_move_by_what_was_sent(server, rest, grpc_client):
     assert 1 <= moved(before, after, RUNS) <= 8
 
 
-def test_latency_buckets_are_tensorflow_servings(server, rest):
+def test_latency_buckets_are_tensorflow_servings(server: Server, rest: RestClient) -> None:
     rest.predict(ROW)
     samples = scrape(server)
     labels = dict(model_name="iris", API="predict", entrypoint="REST")
@@ -78,7 +82,7 @@ def test_latency_buckets_are_tensorflow_servings(server, rest):
 
 
 @stand_in_only
-def test_http_requests_by_route_template(server, rest):
+def test_http_requests_by_route_template(server: Server, rest: RestClient) -> None:
     before = scrape(server)
     rest.status()
     rest.status()
@@ -90,7 +94,7 @@ def test_http_requests_by_route_template(server, rest):
     assert info.value.code == 404
     after = scrape(server)
 
-    def requests(method, route, status):
+    def requests(method: str, route: str, status: str) -> float:
         return moved(
             before, after, "http_requests_total", method=method, route=route, status=status
         )
@@ -100,13 +104,13 @@ def test_http_requests_by_route_template(server, rest):
     assert requests("POST", "/v1/models/{model_name}:predict", "404") == 1
     assert requests("GET", "unmatched", "404") == 1
     assert moved(before, after, COUNT, model_name="nope", status="NOT_FOUND") == 0
-    routes = {dict(key).get("route") for name, key in after if name == "http_requests_total"}
+    routes = {dict(key)["route"] for name, key in after if name == "http_requests_total"}
     assert not any("iris" in route or "nope" in route for route in routes)
     duration = dict(method="POST", route="/v1/models/{model_name}:predict")
     assert moved(before, after, "http_request_duration_seconds_count", **duration) == 2
 
 
-def test_the_page_is_prometheus_text(server):
+def test_the_page_is_prometheus_text(server: Server) -> None:
     url = f"http://{server.host}:{server.rest_port}{METRICS_PATH}"
     with urllib.request.urlopen(url, timeout=30) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
@@ -114,7 +118,7 @@ def test_the_page_is_prometheus_text(server):
     assert "\n:tensorflow:serving:request_count{" in text
 
 
-def test_monitoring_config_is_read_as_tensorflow_serving_reads_it(tmp_path):
+def test_monitoring_config_is_read_as_tensorflow_serving_reads_it(tmp_path: Path) -> None:
     from monitoring import DEFAULT_PATH, metrics_path
 
     assert metrics_path(str(CHAPTER / "monitoring.config")) == METRICS_PATH
@@ -129,7 +133,7 @@ def test_monitoring_config_is_read_as_tensorflow_serving_reads_it(tmp_path):
 
 
 @stand_in_only
-def test_openapi_does_not_list_the_metrics_page(server):
+def test_openapi_does_not_list_the_metrics_page(server: Server) -> None:
     url = f"http://{server.host}:{server.rest_port}/openapi.json"
     with urllib.request.urlopen(url, timeout=30) as response:
         assert METRICS_PATH not in json.loads(response.read())["paths"]

@@ -11,11 +11,14 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
-from conftest import METRICS_PATH, REAL_SERVER
+from conftest import METRICS_PATH, REAL_SERVER, Server
+from rest_client import RestClient
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 ROW = [[5.1, 3.5, 1.4, 0.2]]
@@ -27,11 +30,12 @@ pytestmark = pytest.mark.skipif(
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @contextmanager
-def prometheus(target: str, directory: Path):
+def prometheus(target: str, directory: Path) -> Iterator[str]:
     """Prometheus on a free loopback port scraping target's page every second; always stopped."""
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -69,26 +73,36 @@ def prometheus(target: str, directory: Path):
             server.wait()
 
 
-def ready(url: str, server: subprocess.Popen) -> bool:
+def ready(url: str, server: subprocess.Popen[bytes]) -> bool:
     assert server.poll() is None, "Prometheus exited: see prometheus.log in the test's tmp_path"
     try:
         with urllib.request.urlopen(url + "/-/ready", timeout=2) as response:
-            return response.status == 200
+            status: int = response.status
+            return status == 200
     except OSError:
         return False
 
 
-def query(url: str, promql: str) -> list[dict]:
+def query(url: str, promql: str) -> list[dict[str, Any]]:
     """The result vector of an instant query: [{"metric": {...}, "value": [t, "v"]}, ...]."""
     with urllib.request.urlopen(
         f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}", timeout=10
     ) as response:
         answer = json.loads(response.read())
     assert answer["status"] == "success", answer
-    return answer["data"]["result"]
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
 
 
-def until(condition, timeout: float = 45, what: str = "condition", then=None):
+T = TypeVar("T")
+
+
+def until(
+    condition: Callable[[], T],
+    timeout: float = 45,
+    what: str = "condition",
+    then: Callable[[], None] | None = None,
+) -> T:
     """Poll condition() until it is truthy (calling then() between tries); return its value."""
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -114,11 +128,11 @@ QUEUE_WAIT_MS = (
 )
 
 
-def test_prometheus_sees_the_predictions(server, rest, tmp_path):
+def test_prometheus_sees_the_predictions(server: Server, rest: RestClient, tmp_path: Path) -> None:
     with prometheus(f"{server.host}:{server.rest_port}", tmp_path) as prom:
         until(lambda: query(prom, 'up{job="tfserving"} == 1'), what="the target up")
 
-        def traffic():
+        def traffic() -> None:
             for _ in range(5):
                 rest.predict(ROW)
 

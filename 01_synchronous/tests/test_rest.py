@@ -3,23 +3,25 @@
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import stand_in_only
-from rest_client import ServingError
+from conftest import Iris, Server, stand_in_only
+from rest_client import RestClient, ServingError
 
 TOLERANCE = 1e-5  # float32 printed as decimal text, and possibly other CPU kernels
 
 
-def test_status_has_tensorflow_serving_shape(rest):
+def test_status_has_tensorflow_serving_shape(rest: RestClient) -> None:
     ok = {"error_code": "OK", "error_message": ""}
     expected = {"model_version_status": [{"version": "1", "state": "AVAILABLE", "status": ok}]}
     assert rest.status() == expected
     assert rest.status(version=1) == expected
 
 
-def test_metadata_has_tensorflow_serving_shape(rest):
+def test_metadata_has_tensorflow_serving_shape(rest: RestClient) -> None:
     metadata = rest.metadata()
     assert metadata["model_spec"] == {"name": "iris", "signature_name": "", "version": "1"}
     signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
@@ -34,27 +36,31 @@ def test_metadata_has_tensorflow_serving_shape(rest):
 
 @pytest.mark.parametrize("columnar", [False, True], ids=["row", "columnar"])
 @pytest.mark.parametrize("size", [1, 150])
-def test_predict_equals_the_saved_model(rest, iris, expected, columnar, size):
+def test_predict_equals_the_saved_model(
+    rest: RestClient, iris: Iris, expected: np.ndarray, columnar: bool, size: int
+) -> None:
     rows = iris[0][:size].tolist()
     got = np.array(rest.predict(rows, columnar=columnar))
     assert got.shape == (size, 3)
     np.testing.assert_allclose(got, expected[:size], atol=TOLERANCE)
 
 
-def test_predict_response_keys_follow_the_request_format(rest, iris):
+def test_predict_response_keys_follow_the_request_format(rest: RestClient, iris: Iris) -> None:
     row = iris[0][:1].tolist()
     assert list(rest.predict_raw({"instances": row})) == ["predictions"]
     assert list(rest.predict_raw({"inputs": {"input": row}})) == ["outputs"]
     assert list(rest.predict_raw({"inputs": row})) == ["outputs"]  # single input: no name
 
 
-def test_predict_with_version_and_signature_name(rest, iris, expected):
+def test_predict_with_version_and_signature_name(
+    rest: RestClient, iris: Iris, expected: np.ndarray
+) -> None:
     rows = iris[0][:3].tolist()
     got = rest.predict(rows, version=1, signature_name="serving_default")
     np.testing.assert_allclose(got, expected[:3], atol=TOLERANCE)
 
 
-def raw_post(server, path: str, body: bytes) -> tuple[int, dict]:
+def raw_post(server: Server, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
     url = f"http://{server.host}:{server.rest_port}{path}"
     request = urllib.request.Request(url, data=body, method="POST")
     try:
@@ -82,13 +88,15 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("body", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
-def test_bad_request_is_400_with_error(server, body):
+def test_bad_request_is_400_with_error(server: Server, body: bytes) -> None:
     status, answer = raw_post(server, PREDICT, body)
     assert status == 400
     assert list(answer) == ["error"] and answer["error"]
 
 
-def test_bad_requests_change_nothing(server, rest, iris, expected):
+def test_bad_requests_change_nothing(
+    server: Server, rest: RestClient, iris: Iris, expected: np.ndarray
+) -> None:
     for body in BAD_REQUESTS.values():
         assert raw_post(server, PREDICT, body)[0] == 400
     np.testing.assert_allclose(rest.predict(iris[0][:2].tolist()), expected[:2], atol=TOLERANCE)
@@ -100,7 +108,7 @@ def test_bad_requests_change_nothing(server, rest, iris, expected):
     ["/v1/models/nope:predict", "/v1/models/iris/versions/99:predict"],
     ids=["unknown model", "unknown version"],
 )
-def test_predict_unknown_model_or_version_is_404(server, path):
+def test_predict_unknown_model_or_version_is_404(server: Server, path: str) -> None:
     status, answer = raw_post(server, path, b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}')
     assert status == 404
     assert "not found" in answer["error"].lower()
@@ -114,13 +122,15 @@ def test_predict_unknown_model_or_version_is_404(server, path):
     ],
     ids=["status", "metadata"],
 )
-def test_unknown_version_status_and_metadata_are_404(rest, call):
+def test_unknown_version_status_and_metadata_are_404(
+    rest: RestClient, call: Callable[[RestClient], object]
+) -> None:
     with pytest.raises(ServingError) as info:
         call(rest)
     assert info.value.status == 404
 
 
-def test_missing_model_name_is_400(server):
+def test_missing_model_name_is_400(server: Server) -> None:
     url = f"http://{server.host}:{server.rest_port}/v1/models"
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(url, timeout=30)
@@ -128,7 +138,7 @@ def test_missing_model_name_is_400(server):
     assert json.loads(info.value.read())["error"] == "Missing model name in request."
 
 
-def test_unknown_model_status_is_404(server):
+def test_unknown_model_status_is_404(server: Server) -> None:
     from rest_client import RestClient
 
     with pytest.raises(ServingError) as info:
@@ -143,7 +153,13 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # rest_api.MAX_BODY_BYTES, stated here as the
 ROW_BODY = b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
 
 
-def raw_request(server, method: str, path: str, body: bytes = b"", headers=None):
+def raw_request(
+    server: Server,
+    method: str,
+    path: str,
+    body: bytes | Iterable[bytes] = b"",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
     """(status, JSON answer) over http.client, for headers urllib would not send."""
     import http.client
 
@@ -157,7 +173,7 @@ def raw_request(server, method: str, path: str, body: bytes = b"", headers=None)
         connection.close()
 
 
-def test_gzip_body_is_accepted(server, expected):
+def test_gzip_body_is_accepted(server: Server, expected: np.ndarray) -> None:
     import gzip
 
     status, answer = raw_request(
@@ -168,7 +184,7 @@ def test_gzip_body_is_accepted(server, expected):
 
 
 @stand_in_only
-def test_gzip_bomb_is_refused_at_the_limit(server):
+def test_gzip_bomb_is_refused_at_the_limit(server: Server) -> None:
     # 38 KB on the wire, a valid JSON document of MAX_BODY_BYTES + 1 once decoded.
     import gzip
 
@@ -179,14 +195,14 @@ def test_gzip_bomb_is_refused_at_the_limit(server):
 
 
 @stand_in_only
-def test_body_over_the_limit_is_413(server):
+def test_body_over_the_limit_is_413(server: Server) -> None:
     body = ROW_BODY[:-1] + b" " * (MAX_BODY_BYTES - len(ROW_BODY) + 1) + b"}"
     status, answer = raw_request(server, "POST", PREDICT, body)
     assert status == 413 and "larger than" in answer["error"]
 
 
 @stand_in_only
-def test_declared_huge_body_is_refused_before_it_is_sent(server):
+def test_declared_huge_body_is_refused_before_it_is_sent(server: Server) -> None:
     # Content-Length says 1 TB and no body follows: the answer must not wait for the body.
     import socket
 
@@ -200,9 +216,9 @@ def test_declared_huge_body_is_refused_before_it_is_sent(server):
 
 
 @stand_in_only
-def test_chunked_body_over_the_limit_is_413(server):
+def test_chunked_body_over_the_limit_is_413(server: Server) -> None:
     # No Content-Length: the limit holds while the chunks stream in.
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         yield ROW_BODY[:-1]
         for _ in range(MAX_BODY_BYTES // (1 << 20) + 1):
             yield b" " * (1 << 20)
@@ -212,14 +228,14 @@ def test_chunked_body_over_the_limit_is_413(server):
     assert status == 413
 
 
-def test_deeply_nested_json_is_400(server):
+def test_deeply_nested_json_is_400(server: Server) -> None:
     body = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     status, answer = raw_post(server, PREDICT, body)
     assert status == 400 and list(answer) == ["error"]
 
 
 @pytest.mark.parametrize("digits", [20, 5000])
-def test_version_too_large_for_int64_is_400(server, digits):
+def test_version_too_large_for_int64_is_400(server: Server, digits: int) -> None:
     version = "9" * digits
     status, answer = raw_post(server, f"/v1/models/iris/versions/{version}:predict", ROW_BODY)
     assert status == 400
@@ -228,20 +244,20 @@ def test_version_too_large_for_int64_is_400(server, digits):
     assert status == 400 and answer["error"].startswith("Failed to convert version")
 
 
-def test_columnar_extra_inputs_are_ignored(server, expected):
+def test_columnar_extra_inputs_are_ignored(server: Server, expected: np.ndarray) -> None:
     body = json.dumps({"inputs": {"input": [[5.1, 3.5, 1.4, 0.2]], "extra": [1, 2]}}).encode()
     status, answer = raw_post(server, PREDICT, body)
     assert status == 200
     np.testing.assert_allclose(answer["outputs"], expected[:1], atol=TOLERANCE)
 
 
-def test_columnar_missing_input_is_400_with_tensorflow_servings_words(server):
+def test_columnar_missing_input_is_400_with_tensorflow_servings_words(server: Server) -> None:
     status, answer = raw_post(server, PREDICT, b'{"inputs": {"x": [[5.1, 3.5, 1.4, 0.2]]}}')
     assert status == 400
     assert answer["error"] == "Missing named input: input in 'inputs' object."
 
 
-def test_unknown_version_label_is_400(server):
+def test_unknown_version_label_is_400(server: Server) -> None:
     status, answer = raw_post(server, "/v1/models/iris/labels/canary:predict", ROW_BODY)
     assert status == 400
     assert answer["error"] == "Unrecognized servable version label: canary"
@@ -250,6 +266,6 @@ def test_unknown_version_label_is_400(server):
     assert answer["error"] == "Unrecognized servable version label: canary"
 
 
-def test_body_that_is_not_gzip_is_400(server):
+def test_body_that_is_not_gzip_is_400(server: Server) -> None:
     status, answer = raw_request(server, "POST", PREDICT, ROW_BODY, {"Content-Encoding": "gzip"})
     assert status == 400 and list(answer) == ["error"]
