@@ -46,8 +46,10 @@ NOTES: list[str] = []  # what the checks saw: printed at the end of the module's
 def print_notes(request):
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for note in NOTES:
-        reporter.write_line(f"containers: {note}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # else the lines go into the captured output
+        for note in NOTES:
+            reporter.write_line(f"containers: {note}")
 
 
 def compose(*args: str, env: dict | None = None, timeout: float = 300) -> str:
