@@ -18,6 +18,9 @@ if [ -z "${DOCKER_HOST:-}" ]; then exec "$here/engine.sh" "$0" "$@"; fi
 chapter=$(cd "$1" && pwd)
 name=$(basename "$chapter")
 say() { printf '\n=== %s: %s (%ss)\n' "$name" "$*" "$SECONDS"; }
+# One run per chapter at a time: two runs would share one compose project and wreck each other.
+exec 8>"/run/lock/ml-serving-patterns-$name.lock"
+flock 8
 
 say "images"
 "$here/images.sh"
