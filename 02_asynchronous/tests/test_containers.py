@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -214,6 +215,44 @@ def test_the_walkthrough_gives_the_readme_answers():
             continue
         assert line == expected
     assert len(compose("ps", "-q", "--status", "running", "worker").split()) == 2  # back
+
+
+# -- the monitoring profile ---------------------------------------------------------------------
+
+
+def test_the_monitoring_profile_scrapes_every_role():
+    # chapter.sh starts the stack without profiles: this starts the profile's one service.
+    monitoring = ("--profile", "monitoring")
+    compose(*monitoring, "up", "-d", "--wait", "--pull", "never", "prometheus")
+    try:
+        base = "http://" + compose(*monitoring, "port", "prometheus", "9090").strip()
+
+        def api(path: str) -> dict:
+            with urllib.request.urlopen(f"{base}/api/v1/{path}", timeout=10) as response:
+                body = json.loads(response.read())
+            assert body["status"] == "success", body
+            return body["data"]
+
+        def targets() -> list[dict] | None:
+            try:
+                active = api("targets")["activeTargets"]
+            except OSError:
+                return None  # not answering yet
+            # Both worker replicas, found by Docker's DNS, each on its METRICS_PORT.
+            jobs = Counter(t["labels"]["job"] for t in active)
+            up = all(t["health"] == "up" for t in active)
+            return active if up and jobs == {"proxy": 1, "worker": 2, "prometheus": 1} else None
+
+        active = until(targets, 120, "every target up")
+        workers = [t["labels"]["instance"] for t in active if t["labels"]["job"] == "worker"]
+        assert all(instance.endswith(":8001") for instance in workers), workers
+        queue = api("query?query=job_queue_length")["result"]
+        assert {r["metric"]["state"] for r in queue} == {"waiting", "claimed"}
+        finished = api("query?query=jobs_finished_total")["result"]
+        assert len(finished) == 4  # completed and failed, from each replica
+        NOTES.append(f"monitoring: every target up: {sorted(t['scrapeUrl'] for t in active)}")
+    finally:
+        compose(*monitoring, "rm", "--stop", "--force", "--volumes", "prometheus")
 
 
 # -- four workers, one SIGKILLed holding a batch -----------------------------------------------
