@@ -18,11 +18,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import redis
 import redis.asyncio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jobs
 
@@ -32,13 +34,13 @@ SAMPLE = (HERE / "samples" / "chelsea.jpg").read_bytes()
 BODY = json.dumps({"image_data": base64.b64encode(SAMPLE).decode()})
 
 
-def percentiles(samples: list[float]) -> dict:
+def percentiles(samples: list[float]) -> dict[str, float]:
     ms = sorted(1000 * s for s in samples)
     q = statistics.quantiles(ms, n=100, method="inclusive")
     return {"n": len(ms), "p50": round(q[49], 1), "p90": round(q[89], 1), "p99": round(q[98], 1)}
 
 
-def start(script: str, env: dict) -> subprocess.Popen:
+def start(script: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, script],
         cwd=HERE,
@@ -48,7 +50,7 @@ def start(script: str, env: dict) -> subprocess.Popen:
     )
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=15)
@@ -60,14 +62,15 @@ def stop(process: subprocess.Popen) -> None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def count_results(db: redis.Redis) -> int:
     return sum(1 for _ in db.scan_iter("result:*", count=1000))
 
 
-async def wait_for(condition, timeout: float, what: str) -> None:
+async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not await condition():
         if time.monotonic() > deadline:
@@ -83,7 +86,9 @@ async def predict(session: aiohttp.ClientSession, base: str) -> tuple[float, str
     return time.perf_counter() - started, body["job_id"]
 
 
-async def sync_latency(session, base: str, concurrency: int, total: int) -> tuple[list, float]:
+async def sync_latency(
+    session: aiohttp.ClientSession, base: str, concurrency: int, total: int
+) -> tuple[list[float], float]:
     """`total` POST /predict from `concurrency` clients; latencies and requests per second."""
     latencies: list[float] = []
 
@@ -96,9 +101,9 @@ async def sync_latency(session, base: str, concurrency: int, total: int) -> tupl
     return latencies, len(latencies) / (time.perf_counter() - started)
 
 
-async def accurate_latency(session, base: str, total: int) -> list[float]:
+async def accurate_latency(session: aiohttp.ClientSession, base: str, total: int) -> list[float]:
     """Submit, then poll every 5 ms until the accurate answer is there: time from submit."""
-    results = []
+    results: list[float] = []
     for _ in range(total):
         started = time.perf_counter()
         _, job_id = await predict(session, base)
@@ -111,7 +116,7 @@ async def accurate_latency(session, base: str, total: int) -> list[float]:
     return results
 
 
-async def main() -> dict:
+async def main() -> dict[str, float | bool]:
     db = redis.Redis.from_url(REDIS_URL)
     db.flushdb()
     port = free_port()
@@ -201,31 +206,35 @@ async def middleware_alone(calls: int = 20_000) -> float:
 
     import proxy
 
-    async def empty_app(scope, receive, send):
+    async def empty_app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    async def send(message):
+    async def receive() -> Message:  # never called: the app reads no body
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
         pass
 
     routes = [Route("/predict", empty_app, methods=["POST"]), Route("/job/{job_id}", empty_app)]
     measured = proxy.HttpMetrics(empty_app, proxy.Metrics(), routes)
     scope = {"type": "http", "method": "POST", "path": "/predict", "root_path": ""}
 
-    async def run(app) -> float:
+    async def run(app: ASGIApp) -> float:
         started = time.perf_counter()
         for _ in range(calls):
-            await app(dict(scope), None, send)
+            await app(dict(scope), receive, send)
         return time.perf_counter() - started
 
     return 1e6 * (await run(measured) - await run(empty_app)) / calls
 
 
-async def metrics_overhead(rounds: int = 6, per_round: int = 50) -> dict:
+async def metrics_overhead(rounds: int = 6, per_round: int = 50) -> dict[str, float]:
     """sync POST /predict at concurrency 1 with and without the middleware, interleaved."""
     db = redis.Redis.from_url(REDIS_URL)
     db.flushdb()
-    bases, proxies = {}, []
+    bases: dict[str, str] = {}
+    proxies: list[subprocess.Popen[bytes]] = []
     try:
         for metrics in ("1", "0"):
             port = free_port()
@@ -233,11 +242,11 @@ async def metrics_overhead(rounds: int = 6, per_round: int = 50) -> dict:
             env = {"PORT": str(port), "METRICS": metrics, "MAX_QUEUE_LENGTH": "100000"}
             proxies.append(start("proxy.py", env))
             bases[metrics] = f"http://127.0.0.1:{port}"
-        samples = {"1": [], "0": []}
+        samples: dict[str, list[float]] = {"1": [], "0": []}
         async with aiohttp.ClientSession() as session:
             for metrics, base in bases.items():
 
-                async def up(base=base) -> bool:
+                async def up(base: str = base) -> bool:
                     try:
                         async with session.get(f"{base}/health") as response:
                             return response.status == 200

@@ -8,12 +8,20 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
 RESIZE, CROP = 256, 224
+
+
+class Guess(TypedDict):
+    """One of a model's top-k classes."""
+
+    label: str
+    probability: float
 
 
 class InvalidImage(ValueError):
@@ -32,7 +40,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     can declare 4000x4000 pixels and cost 64 MB and 0.2 s of CPU to decode.
     """
     try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
         # For JPEG, let the decoder downscale by 1/2, 1/4 or 1/8 while decoding: a phone photo
         # then costs a few ms instead of ~100, and only the reduced size counts against the limit.
         # The result is never smaller than asked for.
@@ -70,7 +78,7 @@ def resnet50_input(image: Image.Image) -> np.ndarray:
 
 
 def load_labels(path: Path) -> list[str]:
-    labels = json.loads(Path(path).read_text())
+    labels: list[str] = json.loads(Path(path).read_text())
     if len(labels) != 1000:
         raise ValueError(f"{path}: expected 1000 ImageNet labels, got {len(labels)}")
     return labels
@@ -99,7 +107,7 @@ class Classifier:
         self.labels = labels
         self.preprocess = preprocess
 
-    def top_k(self, image: Image.Image, k: int = 5) -> list[dict]:
+    def top_k(self, image: Image.Image, k: int = 5) -> list[Guess]:
         """The k most likely classes, best first: [{"label": ..., "probability": ...}, ...]."""
         (probabilities,) = self.session.run(["probabilities"], {"input": self.preprocess(image)})
         best = np.argsort(probabilities[0])[::-1][:k]

@@ -47,6 +47,7 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         env = os.environ.get
+        metrics_dir = env("PROMETHEUS_MULTIPROC_DIR")
         return cls(
             host=env("HOST", "127.0.0.1"),  # 0.0.0.0 only in a container (compose.yaml)
             port=int(env("PORT", "8000")),
@@ -71,9 +72,7 @@ class Settings:
             max_attempts=int(env("MAX_ATTEMPTS", "3")),
             worker_nice=int(env("WORKER_NICE", "10")),
             metrics_port=int(env("METRICS_PORT", "8001")),
-            metrics_dir=Path(env("PROMETHEUS_MULTIPROC_DIR"))
-            if env("PROMETHEUS_MULTIPROC_DIR")
-            else None,
+            metrics_dir=Path(metrics_dir) if metrics_dir else None,
             metrics=env("METRICS", "1") != "0",
             log_level=env("LOG_LEVEL", "INFO").upper(),
         )

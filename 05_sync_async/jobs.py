@@ -18,6 +18,13 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING, NotRequired, TypedDict
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+if TYPE_CHECKING:  # only the type: this module needs no model code
+    from classifier import Guess
 
 ID_BYTES = 3  # six hex characters, as specified; uniqueness comes from SUBMIT, not from luck
 
@@ -28,6 +35,16 @@ class JobStatus(StrEnum):
     COMPLETE = "complete"
     FAILED = "failed"
     NOT_FOUND = "not_found"
+
+
+class Result(TypedDict):
+    """What result:{id} holds, and what GET /job/{id} answers for the job."""
+
+    status: str  # a JobStatus
+    prediction: str  # "" unless complete
+    top5: NotRequired[list["Guess"]]  # complete
+    model: NotRequired[str]  # complete
+    error: NotRequired[str]  # failed
 
 
 @dataclass(frozen=True)
@@ -112,7 +129,7 @@ def new_job_id() -> str:
 
 
 async def submit(
-    redis,
+    redis: AsyncRedis,
     keys: Keys,
     image: bytes,
     ttl: int,
@@ -136,7 +153,7 @@ async def submit(
             return job_id
 
 
-async def lookup(redis, keys: Keys, job_id: str) -> dict:
+async def lookup(redis: AsyncRedis, keys: Keys, job_id: str) -> Result:
     """The job's state as {"status", "prediction", ...}; "prediction" is "" until complete."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.result(job_id))
@@ -144,7 +161,8 @@ async def lookup(redis, keys: Keys, job_id: str) -> dict:
         pipe.lpos(keys.processing, job_id)
         result, has_image, position = await pipe.execute()
     if result is not None:
-        return json.loads(result)
+        stored: Result = json.loads(result)  # as the worker wrote it (finish)
+        return stored
     if has_image:
         status = JobStatus.QUEUED if position is None else JobStatus.IN_PROGRESS
         return {"status": status, "prediction": ""}
@@ -154,10 +172,10 @@ async def lookup(redis, keys: Keys, job_id: str) -> dict:
 # --- the worker's side (redis, blocking) ----------------------------------------------------
 
 
-def claim(redis, keys: Keys, timeout: float) -> str | None:
+def claim(redis: Redis, keys: Keys, timeout: int) -> str | None:
     """Wait up to `timeout` s for a job; it moves to `processing` in the same atomic step."""
     job_id = redis.blmove(keys.queue, keys.processing, timeout, "RIGHT", "LEFT")
-    return job_id.decode() if job_id is not None else None
+    return job_id.decode() if isinstance(job_id, bytes) else job_id  # bytes: no decode_responses
 
 
 @dataclass(frozen=True)
@@ -167,7 +185,7 @@ class Claimed:
     submitted_at: float | None  # Redis's clock, seconds; None for a job not queued by `submit`
 
 
-def start(redis, keys: Keys, job_id: str) -> Claimed:
+def start(redis: Redis, keys: Keys, job_id: str) -> Claimed:
     """The job's image, how many times it has been claimed, and when it was submitted."""
     with redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.image(job_id))
@@ -177,7 +195,7 @@ def start(redis, keys: Keys, job_id: str) -> Claimed:
     return Claimed(image, attempts, float(at) if at is not None else None)
 
 
-def finish(redis, keys: Keys, job_id: str, result: dict, ttl: int) -> float | None:
+def finish(redis: Redis, keys: Keys, job_id: str, result: Result, ttl: int) -> float | None:
     """Write the result and release the job, all or nothing. Returns when the result was written
     (Redis's clock, seconds), or None if the job had an answer already.
 
@@ -195,7 +213,7 @@ def finish(redis, keys: Keys, job_id: str, result: dict, ttl: int) -> float | No
     return seconds + microseconds / 1e6 if written else None
 
 
-def reap(redis, keys: Keys, now: float, visibility_timeout: float) -> list[str]:
+def reap(redis: Redis, keys: Keys, now: float, visibility_timeout: float) -> list[str]:
     """Requeue the jobs whose claim has expired; returns their ids."""
     expired = redis.register_script(REAP)(
         keys=[keys.queue, keys.processing, keys.claims], args=[now, visibility_timeout]

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
@@ -29,14 +30,22 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jobs
-from classifier import Classifier, InvalidImage, decode_image, efficientnet_input, load_labels
+from classifier import (
+    Classifier,
+    Guess,
+    InvalidImage,
+    decode_image,
+    efficientnet_input,
+    load_labels,
+)
 from config import HERE, Settings
 from logs import log_config
 
@@ -55,7 +64,7 @@ OPEN_PATHS = {"/health", "/openapi.json", "/"}
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
-def _error_response(description: str) -> dict:
+def _error_response(description: str) -> dict[str, object]:
     schema = {"$ref": "#/components/schemas/Error"}
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -114,14 +123,14 @@ class SlowBody(Exception):
     """The body did not arrive within BODY_TIMEOUT: 408, nothing stored."""
 
 
-def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class Metrics:
     """The proxy's metrics, in a registry of the app's own (so one process can hold several)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "http_requests_total",
@@ -150,30 +159,31 @@ class HttpMetrics:
     """Pure ASGI middleware: counts and times every request by its route's template
     (`/job/{job_id}`, never the id itself); a path no route matches is "unmatched"."""
 
-    def __init__(self, app, metrics: Metrics, routes: list[Route]):
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[Route]):
         self.app, self.metrics, self.routes = app, metrics, routes
 
-    def route(self, scope) -> str:
+    def route(self, scope: Scope) -> str:
         for route in self.routes:
             match, _ = route.matches(scope)
             if match is not Match.NONE:  # PARTIAL: the path's route, another method (405)
                 return route.path
         return "unmatched"
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         started, status, counted = time.perf_counter(), 500, False  # 500: failed before answering
         method = scope["method"] if scope["method"] in METHODS else "other"
 
-        def count():
+        def count() -> None:
             nonlocal counted
             if not counted:
                 counted, route = True, self.route(scope)
                 self.metrics.requests.labels(method, route, str(status)).inc()
                 self.metrics.duration.labels(method, route).observe(time.perf_counter() - started)
 
-        async def send_counted(message):
+        async def send_counted(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -188,7 +198,7 @@ class HttpMetrics:
 
 
 @contextlib.asynccontextmanager
-async def lifespan(app: Starlette):
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings = app.state.settings
     labels = load_labels(settings.labels_path)
     app.state.keys = jobs.Keys(settings.queue_name)
@@ -219,10 +229,11 @@ async def lifespan(app: Starlette):
 
 def redis_deadline(request: Request) -> asyncio.Timeout:
     """One time bound on a request's Redis work, retries included: a hung Redis is a fast 503."""
-    return asyncio.timeout(request.app.state.settings.redis_timeout)
+    settings: Settings = request.app.state.settings
+    return asyncio.timeout(settings.redis_timeout)
 
 
-async def require_api_key(request: Request, call_next):
+async def require_api_key(request: Request, call_next: RequestResponseEndpoint) -> Response:
     """With API_KEY set, every path but OPEN_PATHS needs `Authorization: Bearer <API_KEY>`."""
     key = request.app.state.settings.api_key
     if key and request.url.path not in OPEN_PATHS:
@@ -264,10 +275,11 @@ async def read_image_data(request: Request, max_image_bytes: int) -> bytes:
 async def predict_bytes(request: Request, image: bytes) -> JSONResponse:
     state = request.app.state
 
-    def fast_top5():
+    def fast_top5() -> list[Guess]:
+        model: Classifier = state.model
         decoded = decode_image(image, state.settings.max_image_pixels)
         with state.inference_timer.time():
-            return state.model.top_k(decoded)
+            return model.top_k(decoded)
 
     try:
         top5 = await asyncio.get_running_loop().run_in_executor(state.decoder, fast_top5)

@@ -16,12 +16,16 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -96,7 +100,7 @@ class JobMetrics:
             registry=None,
         ).labels(model)
 
-    def count(self, claimed: jobs.Claimed, result: dict, finished_at: float) -> None:
+    def count(self, claimed: jobs.Claimed, result: jobs.Result, finished_at: float) -> None:
         """One job answered by this process (its result written: a duplicate run is not counted)."""
         self.finished.labels(result["status"]).inc()
         self.attempts.observe(claimed.attempts)
@@ -104,7 +108,7 @@ class JobMetrics:
             self.latency.observe(finished_at - claimed.submitted_at)
 
 
-class SupervisorMetrics:
+class SupervisorMetrics(Collector):
     """What the supervisor adds to its processes' metrics at each scrape: the queue's length, read
     from Redis then (a gauge kept in memory would be stale the moment another host moved a job),
     and the counts only the supervisor sees."""
@@ -123,7 +127,7 @@ class SupervisorMetrics:
             retry=Retry(NoBackoff(), 0),
         )
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "jobs_reaped_total",
             "Claims past VISIBILITY_TIMEOUT requeued (their process died or stalled)",
@@ -157,11 +161,13 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def failed(message: str) -> dict:
+def failed(message: str) -> jobs.Result:
     return {"status": jobs.JobStatus.FAILED, "prediction": "", "error": message}
 
 
-def run_job(model: Classifier, settings: Settings, job: jobs.Claimed, timer: Histogram) -> dict:
+def run_job(
+    model: Classifier, settings: Settings, job: jobs.Claimed, timer: Histogram
+) -> jobs.Result:
     """The result to store for one job; a job that cannot succeed gets a "failed" result."""
     if job.image is None:
         return failed("image expired")
@@ -188,7 +194,8 @@ def work(settings: Settings) -> None:
     # Background work yields the CPU to the proxy's requests, whose latency a user is waiting on.
     os.nice(settings.worker_nice)
     model = Classifier(settings.async_model_path, load_labels(settings.labels_path), resnet50_input)
-    keys, client, backoff = jobs.Keys(settings.queue_name), None, Backoff()
+    keys, backoff = jobs.Keys(settings.queue_name), Backoff()
+    client: redis.Redis | None = None
     metrics = JobMetrics(model.name)
     log.info("worker ready", extra={"fields": {"pid": os.getpid(), "model": model.name}})
     supervisor = os.getppid()
@@ -219,7 +226,9 @@ def work(settings: Settings) -> None:
     log.info("worker stopped", extra={"fields": {"pid": os.getpid()}})
 
 
-def serve_metrics(settings: Settings, directory: Path, keys: jobs.Keys):
+def serve_metrics(
+    settings: Settings, directory: Path, keys: jobs.Keys
+) -> tuple[SupervisorMetrics, WSGIServer]:
     """One scrape target for the whole worker: every process's files plus the supervisor's own."""
     # Files of an earlier run (a restarted container keeps its /tmp) would add old counts in.
     directory.mkdir(parents=True, exist_ok=True)
@@ -240,10 +249,11 @@ def supervise(settings: Settings) -> None:
     stop = stop_on_signals()
     # "spawn": each process starts clean and loads its own onnxruntime session.
     context = mp.get_context("spawn")
-    keys, client, backoff = jobs.Keys(settings.queue_name), None, Backoff()
+    keys, backoff = jobs.Keys(settings.queue_name), Backoff()
+    client: redis.Redis | None = None
     directory = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="worker-metrics-"))
     metrics, server = serve_metrics(settings, directory, keys)
-    processes: list[mp.Process] = [None] * settings.num_workers
+    processes: list[SpawnProcess | None] = [None] * settings.num_workers
     fields = {"num_workers": settings.num_workers, "metrics_port": settings.metrics_port}
     log.info("supervisor ready", extra={"fields": fields})
     while not stop.is_set():
@@ -259,8 +269,9 @@ def supervise(settings: Settings) -> None:
                 # counters and histograms must stay, or the totals would go down.
                 mark_process_dead(process.pid, str(directory))
                 metrics.restarts += 1
-            processes[slot] = context.Process(target=work, args=(settings,), daemon=True)
-            processes[slot].start()
+            process = context.Process(target=work, args=(settings,), daemon=True)
+            process.start()
+            processes[slot] = process
         try:
             client = client or connect(settings, "worker-supervisor")
             for job_id in jobs.reap(client, keys, time.time(), settings.visibility_timeout):
@@ -271,9 +282,11 @@ def supervise(settings: Settings) -> None:
             client = None
             backoff.wait(stop, exc)
         stop.wait(SUPERVISE_EVERY)
-    for process in processes:  # each finishes its current job, then exits
+    # None: a signal came before the first round started a process in that slot.
+    started = [process for process in processes if process is not None]
+    for process in started:  # each finishes its current job, then exits
         process.terminate()
-    for process in processes:
+    for process in started:
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
