@@ -73,7 +73,7 @@ def hold_a_job() -> tuple[str, int, list[int]]:
     to send its BLMOVE, which Redis postpones, and stopped again; unpaused, Redis runs that
     BLMOVE and hands the job to the stopped process."""
     pids = wait_until(
-        lambda: len(worker_clients()) == 2 and sorted(worker_clients()),  # compose's NUM_WORKERS
+        lambda: sorted(worker_clients()) if len(worker_clients()) == 2 else None,  # NUM_WORKERS
         90,
         "both worker processes to be connected",
     )
@@ -107,7 +107,7 @@ def hold_a_job() -> tuple[str, int, list[int]]:
 
 
 def accurate_answer(job_id: str) -> dict:
-    def complete():
+    def complete() -> dict | None:
         status, body = http("GET", f"{proxy_url()}/job/{job_id}")
         assert status == 200, body
         return body[job_id] if body[job_id]["status"] == "complete" else None
@@ -116,11 +116,11 @@ def accurate_answer(job_id: str) -> dict:
 
 
 def wait_healthy(service: str, timeout: float = 120) -> None:
-    def healthy():
+    def healthy() -> bool:
         (state,) = [
             json.loads(line) for line in compose("ps", "--format", "json", service).splitlines()
         ]
-        return state["State"] == "running" and state.get("Health") == "healthy"
+        return bool(state["State"] == "running" and state.get("Health") == "healthy")
 
     wait_until(healthy, timeout, f"{service} to be healthy")
 
@@ -148,7 +148,7 @@ def exchanges(transcript: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def test_the_walkthrough_gives_the_readmes_answers():
+def test_the_walkthrough_gives_the_readmes_answers() -> None:
     done = subprocess.run(
         ["./demo.sh"],
         cwd=CHAPTER,
@@ -170,7 +170,7 @@ def test_the_walkthrough_gives_the_readmes_answers():
         assert answer == expected, command
 
 
-def test_the_page_loads_from_the_container():
+def test_the_page_loads_from_the_container() -> None:
     with urllib.request.urlopen(f"{proxy_url()}/", timeout=10) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/html")
@@ -179,7 +179,7 @@ def test_the_page_loads_from_the_container():
     assert "fetch(" in page and "/predict" in page and "/job/" in page
 
 
-def test_the_monitoring_profile_scrapes_every_role():
+def test_the_monitoring_profile_scrapes_every_role() -> None:
     # chapter.sh starts the stack without profiles: this starts the profile's one service.
     monitoring = ("--profile", "monitoring")
     compose(*monitoring, "up", "-d", "--wait", "--pull", "never", "prometheus")
@@ -190,7 +190,8 @@ def test_the_monitoring_profile_scrapes_every_role():
             with urllib.request.urlopen(f"{base}/api/v1/{path}", timeout=10) as response:
                 body = json.loads(response.read())
             assert body["status"] == "success", body
-            return body["data"]
+            data: dict = body["data"]
+            return data
 
         def targets() -> dict[str, str] | None:
             try:
@@ -211,7 +212,7 @@ def test_the_monitoring_profile_scrapes_every_role():
         compose(*monitoring, "rm", "--stop", "--force", "--volumes", "prometheus")
 
 
-def test_a_worker_process_killed_holding_a_job_loses_nothing():
+def test_a_worker_process_killed_holding_a_job_loses_nothing() -> None:
     job_id, holder, others = hold_a_job()
     signal_worker(holder, "KILL")  # a real crash: the supervisor sees exit code -9
     for pid in others:
@@ -226,7 +227,7 @@ def test_a_worker_process_killed_holding_a_job_loses_nothing():
     wait_healthy("worker")
 
 
-def test_the_worker_container_restarts_when_its_main_process_dies():
+def test_the_worker_container_restarts_when_its_main_process_dies() -> None:
     # pid 1 of a container ignores every signal it has no handler for when it comes from inside
     # the container, SIGKILL included (`exec worker kill -9 1` does nothing): the kernel's rule for
     # a pid namespace's init. So the crash comes from the host, as the OOM killer's would.
@@ -238,7 +239,8 @@ def test_the_worker_container_restarts_when_its_main_process_dies():
     def inspect() -> dict:
         out = subprocess.run([docker, "inspect", container], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)[0]
+        details: dict = json.loads(out.stdout)[0]
+        return details
 
     before = inspect()
     signal_worker(1, "KILL")  # from inside: ignored, as said above

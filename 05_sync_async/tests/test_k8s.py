@@ -40,7 +40,8 @@ def objects() -> list[dict]:
         [sys.executable, str(CHECK), str(CHAPTER)], capture_output=True, text=True
     )
     assert done.returncode == 0, f"{CHECK.name} failed:\n{done.stderr}"
-    return json.loads(done.stdout)
+    rendered: list[dict] = json.loads(done.stdout)
+    return rendered
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,15 @@ def workloads(objects: list[dict]) -> dict[str, dict]:
 
 
 def pod(workload: dict) -> dict:
-    return workload["spec"]["template"]["spec"]
+    spec: dict = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def group(pattern: str, text: str, flags: int = 0) -> str:
+    """The first group of pattern's first match in text, which must match."""
+    match = re.search(pattern, text, flags)
+    assert match, f"{pattern!r} not found"
+    return match[1]
 
 
 def container_env(container: dict, configmaps: dict[str, dict]) -> dict[str, str | dict]:
@@ -77,13 +86,15 @@ def env_of(objects: list[dict], role: str) -> dict:
     return container_env(container, by_kind(objects, "ConfigMap"))
 
 
-def test_every_compose_service_is_a_workload(objects, compose):
+def test_every_compose_service_is_a_workload(objects: list[dict], compose: dict) -> None:
     assert set(workloads(objects)) == set(compose)
     assert set(by_kind(objects, "StatefulSet")) == {"redis"}
     assert set(by_kind(objects, "Service")) == {"proxy", "redis"}  # the worker is called by none
 
 
-def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
+def test_same_images_commands_ports_env_and_health_as_compose(
+    objects: list[dict], compose: dict
+) -> None:
     for role, service in compose.items():
         spec = pod(workloads(objects)[role])
         (container,) = spec["containers"]
@@ -110,7 +121,7 @@ def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
         # The readiness probe is compose's healthcheck: the same path, or the same command.
         test, probe = service["healthcheck"]["test"], container["readinessProbe"]
         if "httpGet" in probe:
-            path = re.search(r"http://127\.0\.0\.1:\d+(/[\w/.-]*)", " ".join(test))[1]
+            path = group(r"http://127\.0\.0\.1:\d+(/[\w/.-]*)", " ".join(test))
             assert probe["httpGet"] == {"path": path, "port": "http"}, role
         elif test[0] == "CMD-SHELL":
             assert probe["exec"]["command"] == ["sh", "-c", test[1]], role
@@ -118,7 +129,7 @@ def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
             assert probe["exec"]["command"] == test[1:], role
 
 
-def test_models_reach_each_role_at_compose_paths(objects, compose):
+def test_models_reach_each_role_at_compose_paths(objects: list[dict], compose: dict) -> None:
     """compose mounts ../models at /models; here an init container copies from the models image
     into an emptyDir at /models/imagenet exactly the files the role's *_PATH variables name."""
     dockerfile = (CHAPTER / "k8s" / "models.Dockerfile").read_text()
@@ -138,7 +149,7 @@ def test_models_reach_each_role_at_compose_paths(objects, compose):
         assert all(Path(f).parent == Path(mount["mountPath"]) for f in files)
 
 
-def test_keda_scales_the_worker_on_the_queue_and_the_claims(objects):
+def test_keda_scales_the_worker_on_the_queue_and_the_claims(objects: list[dict]) -> None:
     env = env_of(objects, "worker")
     (scaled,) = by_kind(objects, "ScaledObject").values()
     assert scaled["spec"]["scaleTargetRef"] == {"name": "worker"}
@@ -163,18 +174,20 @@ def test_keda_scales_the_worker_on_the_queue_and_the_claims(objects):
     ]
 
 
-def test_worker_grace_period_outlasts_its_sigterm_drain(objects):
+def test_worker_grace_period_outlasts_its_sigterm_drain(objects: list[dict]) -> None:
     """worker.py on SIGTERM: the supervisor's loop ends (at most SUPERVISE_EVERY), each process
     finishes its job and BLMOVE's wait (BLOCK_SECONDS), and is killed after its join timeout."""
     source = (CHAPTER / "worker.py").read_text()
-    block = float(re.search(r"^BLOCK_SECONDS = ([\d.]+)", source, re.M)[1])
-    every = float(re.search(r"^SUPERVISE_EVERY = ([\d.]+)", source, re.M)[1])
-    join = float(re.search(r"process\.join\(timeout=([\d.]+)\)", source)[1])
+    block = float(group(r"^BLOCK_SECONDS = ([\d.]+)", source, re.M))
+    every = float(group(r"^SUPERVISE_EVERY = ([\d.]+)", source, re.M))
+    join = float(group(r"process\.join\(timeout=([\d.]+)\)", source))
     grace = pod(workloads(objects)["worker"])["terminationGracePeriodSeconds"]
     assert grace > every + block + join
 
 
-def test_redis_keeps_its_data_on_a_claim_and_is_reached_by_name(objects, compose):
+def test_redis_keeps_its_data_on_a_claim_and_is_reached_by_name(
+    objects: list[dict], compose: dict
+) -> None:
     redis = by_kind(objects, "StatefulSet")["redis"]
     assert "--appendonly yes" in pod(redis)["containers"][0]["command"][2]
     (claim,) = redis["spec"]["volumeClaimTemplates"]
@@ -188,7 +201,7 @@ def test_redis_keeps_its_data_on_a_claim_and_is_reached_by_name(objects, compose
     assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
 
 
-def test_pods_are_scraped_where_metrics_are_served(objects, compose):
+def test_pods_are_scraped_where_metrics_are_served(objects: list[dict], compose: dict) -> None:
     for role in ("proxy", "worker"):
         template = workloads(objects)[role]["spec"]["template"]
         annotations = template["metadata"]["annotations"]
@@ -199,7 +212,7 @@ def test_pods_are_scraped_where_metrics_are_served(objects, compose):
         assert annotations["prometheus.io/port"] == port, role
 
 
-def test_proxy_scales_on_cpu_and_keeps_one_pod_through_a_drain(objects):
+def test_proxy_scales_on_cpu_and_keeps_one_pod_through_a_drain(objects: list[dict]) -> None:
     (hpa,) = by_kind(objects, "HorizontalPodAutoscaler").values()
     assert hpa["spec"]["scaleTargetRef"]["name"] == "proxy"
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"

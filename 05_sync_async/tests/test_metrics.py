@@ -1,6 +1,7 @@
 """Metrics after real traffic: the proxy's and the worker's /metrics move by exactly what was sent,
 and a real Prometheus server scrapes both and sees a burst of jobs drain."""
 
+import functools
 import json
 import os
 import shutil
@@ -9,11 +10,14 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
+import redis
 from conftest import (
     SAMPLE,
     SAMPLE_B64,
+    Started,
     free_port,
     http,
     result,
@@ -28,25 +32,26 @@ from conftest import (
 PROMETHEUS = "/usr/bin/prometheus"
 
 
-def labels(**pairs) -> tuple:
+def labels(**pairs: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs.items()))
 
 
 def status(method: str, url: str) -> int:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
-            return r.status
+            code: int = r.status
+            return code
     except urllib.error.HTTPError as exc:
         return exc.code
 
 
-def requests(metrics: dict, method: str, route: str, status: str) -> float:
+def requests(metrics: dict[tuple, float], method: str, route: str, status: str) -> float:
     return metrics.get(
         ("http_requests_total", labels(method=method, route=route, status=status)), 0
     )
 
 
-def test_the_proxy_counts_each_request_by_route_template(start, db):
+def test_the_proxy_counts_each_request_by_route_template(start: Started, db: redis.Redis) -> None:
     _, base = start_proxy(start)
     good = json.dumps({"image_data": SAMPLE_B64}).encode()
     for _ in range(3):
@@ -54,7 +59,7 @@ def test_the_proxy_counts_each_request_by_route_template(start, db):
     for body in (b"not json", b'{"image_data": "not base64!"}'):
         assert http("POST", f"{base}/predict", body)[0] == 400
     assert http("GET", f"{base}/predict/test")[0] == 200
-    job_ids = [key.decode() for key in db.lrange("queue:jobs", 0, -1)]
+    job_ids = [key.decode() for key in db.lrange("queue:jobs", 0, -1) if isinstance(key, bytes)]
     for job_id in (*job_ids[:2], "000000", "123abc"):
         http("GET", f"{base}/job/{job_id}")
     assert status("GET", f"{base}/no/such/path") == 404  # Starlette's plain-text 404
@@ -89,7 +94,7 @@ def test_the_proxy_counts_each_request_by_route_template(start, db):
     }
 
 
-def test_metrics_need_the_api_key_when_it_is_set(start, db):
+def test_metrics_need_the_api_key_when_it_is_set(start: Started, db: redis.Redis) -> None:
     _, base = start_proxy(start, API_KEY="s3cret")
     assert http("GET", f"{base}/metadata")[0] == 401
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -100,14 +105,14 @@ def test_metrics_need_the_api_key_when_it_is_set(start, db):
     assert requests(metrics, "GET", "/metrics", "401") == 1
 
 
-def test_the_worker_counts_jobs_by_final_status(start, db):
+def test_the_worker_counts_jobs_by_final_status(start: Started, db: redis.Redis) -> None:
     worker = start_worker(start, MAX_ATTEMPTS=3)
     job_ids = [submit(SAMPLE) for _ in range(3)]
     db.hset("queue:jobs:attempts", "abcdef", 3)  # as if three processes had died on it
     db.set("image:abcdef", SAMPLE)
     db.lpush("queue:jobs", "abcdef")
     for job_id in (*job_ids, "abcdef"):
-        wait_until(lambda job_id=job_id: result(db, job_id), 60, f"job {job_id}", worker)
+        wait_until(functools.partial(result, db, job_id), 60, f"job {job_id}", worker)
 
     metrics = scrape(worker.metrics_url)
     assert metrics[("jobs_finished_total", labels(status="complete"))] == 3
@@ -127,7 +132,7 @@ def test_the_worker_counts_jobs_by_final_status(start, db):
 class Prometheus:
     """A real Prometheus server on a free port, its own data directory, scraping every second."""
 
-    def __init__(self, tmp_path, targets: dict[str, str]):
+    def __init__(self, tmp_path: Path, targets: dict[str, str]):
         self.port = free_port()
         jobs = [
             {"job_name": name, "static_configs": [{"targets": [target]}]}
@@ -148,12 +153,13 @@ class Prometheus:
             stderr=subprocess.STDOUT,
         )
 
-    def api(self, path: str, **params) -> dict:
+    def api(self, path: str, **params: str) -> dict:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
         with urllib.request.urlopen(url, timeout=10) as response:
             body = json.loads(response.read())
         assert body["status"] == "success", body
-        return body["data"]
+        data: dict = body["data"]
+        return data
 
     def query(self, promql: str) -> list[float]:
         return [float(s["value"][1]) for s in self.api("query", query=promql)["result"]]
@@ -178,7 +184,9 @@ class Prometheus:
 @pytest.mark.skipif(
     not shutil.which(PROMETHEUS), reason=f"{PROMETHEUS} missing: apt-get install prometheus"
 )
-def test_prometheus_sees_a_burst_of_jobs_drain(start, db, tmp_path):
+def test_prometheus_sees_a_burst_of_jobs_drain(
+    start: Started, db: redis.Redis, tmp_path: Path
+) -> None:
     burst = 12
     _, base = start_proxy(start)
     # Claims never expire here: a stopped process keeps its job without a reaper's help.

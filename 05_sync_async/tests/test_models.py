@@ -24,7 +24,7 @@ REFERENCE = {
 
 
 @pytest.fixture(scope="module")
-def models():
+def models() -> dict[str, Classifier]:
     settings = Settings.from_env()
     labels = load_labels(settings.labels_path)
     return {
@@ -34,7 +34,7 @@ def models():
 
 
 @pytest.mark.parametrize("name", ["fast", "accurate"])
-def test_top5_on_the_sample_matches_the_reference(models, name):
+def test_top5_on_the_sample_matches_the_reference(models: dict[str, Classifier], name: str) -> None:
     top5 = models[name].top_k(decode_image(SAMPLE, max_pixels=10**7))
     assert len(top5) == 5
     assert [entry["label"] for entry in top5[:4]] == [label for label, _ in REFERENCE[name]]
@@ -42,14 +42,14 @@ def test_top5_on_the_sample_matches_the_reference(models, name):
         assert entry["probability"] == pytest.approx(expected, abs=0.01)
 
 
-def test_decode_crops_to_224_whatever_the_shape():
+def test_decode_crops_to_224_whatever_the_shape() -> None:
     for size in ((451, 300), (100, 900), (224, 224)):
         buffer = io.BytesIO()
         Image.new("RGB", size).save(buffer, format="PNG")
         assert decode_image(buffer.getvalue(), max_pixels=10**7).size == (224, 224)
 
 
-def test_decode_refuses_what_is_not_an_image_or_too_big():
+def test_decode_refuses_what_is_not_an_image_or_too_big() -> None:
     with pytest.raises(InvalidImage):
         decode_image(b"GIF89a but not really", max_pixels=10**7)
     with pytest.raises(InvalidImage, match="pixels"):
@@ -62,7 +62,7 @@ def encoded(size: tuple[int, int], image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_decode_accepts_only_jpeg_png_and_webp():
+def test_decode_accepts_only_jpeg_png_and_webp() -> None:
     for image_format in ("JPEG", "PNG", "WEBP"):
         assert decode_image(encoded((300, 300), image_format), max_pixels=10**7).size == (224, 224)
     for image_format in ("GIF", "BMP", "TIFF", "ICO", "PPM"):
@@ -70,7 +70,7 @@ def test_decode_accepts_only_jpeg_png_and_webp():
             decode_image(encoded((300, 300), image_format), max_pixels=10**7)
 
 
-def test_a_small_file_of_many_pixels_is_refused_before_decoding():
+def test_a_small_file_of_many_pixels_is_refused_before_decoding() -> None:
     # 4000x4000 black pixels compress to a few tens of KB, and would take ~64 MB to decode.
     bomb = encoded((4000, 4000), "PNG")
     assert len(bomb) < 50_000
@@ -81,7 +81,7 @@ def test_a_small_file_of_many_pixels_is_refused_before_decoding():
     assert decode_image(photo, max_pixels=Settings.from_env().max_image_pixels).size == (224, 224)
 
 
-def test_errors_do_not_show_python_objects():
+def test_errors_do_not_show_python_objects() -> None:
     for data in (b"hello, world", SAMPLE[: len(SAMPLE) // 2], encoded((300, 300), "GIF")):
         with pytest.raises(InvalidImage) as caught:
             decode_image(data, max_pixels=10**7)

@@ -8,10 +8,13 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import CAT_CLASSES, CHAPTER, start_worker, wait_until
+import redis
+from conftest import CAT_CLASSES, CHAPTER, Started, start_worker, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -20,8 +23,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def devtools(tmp_path):
+def devtools(tmp_path: Path) -> Iterator[str]:
     """A headless Chromium; yields the DevTools HTTP address."""
+    assert CHROMIUM is not None  # pytestmark skips the module without it
     browser = subprocess.Popen(
         [
             CHROMIUM,
@@ -47,26 +51,32 @@ def devtools(tmp_path):
 class Page:
     """Just enough of the DevTools protocol: send a command, wait for its answer."""
 
-    def __init__(self, socket):
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse):
         self.socket, self.ids = socket, itertools.count(1)
 
-    async def send(self, method: str, **params) -> dict:
+    async def send(self, method: str, **params: object) -> dict:
         command_id = next(self.ids)
         await self.socket.send_json({"id": command_id, "method": method, "params": params})
         async for message in self.socket:
             answer = json.loads(message.data)
             if answer.get("id") == command_id:  # everything else is an event
                 assert "error" not in answer, answer
-                return answer["result"]
+                result: dict = answer["result"]
+                return result
         raise ConnectionError("DevTools connection closed")
 
-    async def text(self, element_id: str) -> str:
+    async def text(self, element_id: str) -> str | None:
         """The element's text, or None while the page has no such element (yet)."""
         script = f"document.getElementById({element_id!r})?.textContent ?? null"
-        return (await self.send("Runtime.evaluate", expression=script))["result"].get("value")
+        value: str | None = (await self.send("Runtime.evaluate", expression=script))["result"].get(
+            "value"
+        )
+        return value
 
 
-async def pick_the_sample_and_wait(devtools: str, url: str) -> tuple[str, str, str]:
+async def pick_the_sample_and_wait(
+    devtools: str, url: str
+) -> tuple[str | None, str | None, str | None]:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{devtools}/json/list") as response:
             (target,) = [t for t in await response.json() if t["type"] == "page"]
@@ -90,7 +100,9 @@ async def pick_the_sample_and_wait(devtools: str, url: str) -> tuple[str, str, s
             return await page.text("sync"), await page.text("async"), await page.text("error")
 
 
-def test_the_page_shows_both_answers(proxy, start, db, devtools):
+def test_the_page_shows_both_answers(
+    proxy: str, start: Started, db: redis.Redis, devtools: str
+) -> None:
     start_worker(start)
     sync, accurate, error = asyncio.run(pick_the_sample_and_wait(devtools, f"{proxy}/"))
     assert error == ""

@@ -13,12 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from conftest import (
     CAT_CLASSES,
     REDIS_PASSWORD,
     REDIS_URL,
     SAMPLE_B64,
+    Started,
     free_port,
     http,
     start_proxy,
@@ -28,12 +30,12 @@ from PIL import Image
 import jobs
 
 
-def predict(base: str, payload) -> tuple[int, dict]:
+def predict(base: str, payload: object) -> tuple[int, dict]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return http("POST", f"{base}/predict", body)
 
 
-def test_health_and_metadata(proxy, db):
+def test_health_and_metadata(proxy: str, db: redis.Redis) -> None:
     assert http("GET", f"{proxy}/health") == (200, {"health": "ok"})
     status, metadata = http("GET", f"{proxy}/metadata")
     assert status == 200
@@ -41,7 +43,7 @@ def test_health_and_metadata(proxy, db):
     assert metadata["async_model"] == "resnet50"
 
 
-def test_predict_answers_now_and_queues_the_job(proxy, db):
+def test_predict_answers_now_and_queues_the_job(proxy: str, db: redis.Redis) -> None:
     status, body = predict(proxy, {"image_data": SAMPLE_B64})
     assert status == 200, body
     assert body["result_sync"] in CAT_CLASSES
@@ -57,7 +59,7 @@ def test_predict_answers_now_and_queues_the_job(proxy, db):
     )
 
 
-def test_predict_test_uses_the_sample(proxy, db):
+def test_predict_test_uses_the_sample(proxy: str, db: redis.Redis) -> None:
     status, body = http("GET", f"{proxy}/predict/test")
     assert status == 200
     assert body["result_sync"] in CAT_CLASSES
@@ -88,7 +90,7 @@ BAD_REQUESTS = {
 }
 
 
-def test_bad_requests_are_400_and_queue_nothing(proxy, db):
+def test_bad_requests_are_400_and_queue_nothing(proxy: str, db: redis.Redis) -> None:
     for name, payload in BAD_REQUESTS.items():
         status, body = predict(proxy, payload)
         assert status == 400, (name, body)
@@ -97,17 +99,17 @@ def test_bad_requests_are_400_and_queue_nothing(proxy, db):
     assert db.dbsize() == 0
 
 
-def test_unknown_job_is_404(proxy, db):
+def test_unknown_job_is_404(proxy: str, db: redis.Redis) -> None:
     for job_id in ("000000", "not-an-id"):
         status, body = http("GET", f"{proxy}/job/{job_id}")
         assert status == 404
         assert "error" in body
 
 
-def test_job_ids_never_collide(db):
+def test_job_ids_never_collide(db: redis.Redis) -> None:
     ids = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
 
-    async def two_jobs():
+    async def two_jobs() -> tuple[str, str]:
         client = aioredis.Redis.from_url(REDIS_URL, password=REDIS_PASSWORD)
         try:
             keys = jobs.Keys()
@@ -122,7 +124,7 @@ def test_job_ids_never_collide(db):
     assert db.lrange("queue:jobs", 0, -1) == [b"bbbbbb", b"aaaaaa"]
 
 
-def test_redis_down_is_503_not_500(start):
+def test_redis_down_is_503_not_500(start: Started) -> None:
     # A closed port: the fast model still loads, the queue is unreachable.
     _, base = start_proxy(start, REDIS_URL=f"redis://127.0.0.1:{free_port()}/5")
     status, body = predict(base, {"image_data": SAMPLE_B64})
@@ -131,7 +133,7 @@ def test_redis_down_is_503_not_500(start):
     assert http("GET", f"{base}/health")[0] == 503
 
 
-def test_decodes_run_at_most_decode_threads_at_once(start, db):
+def test_decodes_run_at_most_decode_threads_at_once(start: Started, db: redis.Redis) -> None:
     # Each decode holds up to ~8 bytes per pixel: their number, not the clients', bounds memory.
     process, base = start_proxy(start, DECODE_THREADS=1)
     image = png(3000, 3000)  # 9 M pixels: a slow decode, just under the default limit
@@ -143,7 +145,7 @@ def test_decodes_run_at_most_decode_threads_at_once(start, db):
     assert len(list(Path(f"/proc/{process.popen.pid}/task").iterdir())) == threads
 
 
-def test_a_hung_redis_is_a_fast_503(start, hung_redis):
+def test_a_hung_redis_is_a_fast_503(start: Started, hung_redis: int) -> None:
     # Connections are accepted, nothing is ever answered. Each request must give up after
     # REDIS_TIMEOUT in all (0.5 s here), not after redis-py's socket timeouts add up.
     url = f"redis://127.0.0.1:{hung_redis}/5"
@@ -158,7 +160,7 @@ def test_a_hung_redis_is_a_fast_503(start, hung_redis):
         assert status == 503, (path, answer)
 
 
-def test_a_retried_submit_queues_one_job(start, db, lossy_redis):
+def test_a_retried_submit_queues_one_job(start: Started, db: redis.Redis, lossy_redis: int) -> None:
     # The first SUBMIT runs but its reply is lost: the retry must not queue a second job.
     db.script_load(jobs.SUBMIT)  # so that the first EVALSHA runs the script
     _, base = start_proxy(start, REDIS_URL=f"redis://127.0.0.1:{lossy_redis}/5")
@@ -168,7 +170,7 @@ def test_a_retried_submit_queues_one_job(start, db, lossy_redis):
     assert db.keys("image:*") == [f"image:{body['job_id']}".encode()]
 
 
-def test_a_full_queue_is_429_with_retry_after(start, db):
+def test_a_full_queue_is_429_with_retry_after(start: Started, db: redis.Redis) -> None:
     _, base = start_proxy(start, MAX_QUEUE_LENGTH=2)
     for _ in range(2):
         assert predict(base, {"image_data": SAMPLE_B64})[0] == 200
@@ -184,12 +186,12 @@ def test_a_full_queue_is_429_with_retry_after(start, db):
     assert len(db.keys("image:*")) == 2  # the refused image was not stored
 
 
-def test_the_proxy_binds_to_host(start):
+def test_the_proxy_binds_to_host(start: Started) -> None:
     process, base = start_proxy(start)  # HOST unset: loopback only
     assert f"Uvicorn running on {base}" in process.output()
 
 
-def test_connections_past_max_concurrency_are_refused(start):
+def test_connections_past_max_concurrency_are_refused(start: Started) -> None:
     _, base = start_proxy(start, MAX_CONCURRENCY=2)
     port = int(base.rsplit(":", 1)[1])
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
@@ -204,7 +206,7 @@ def test_connections_past_max_concurrency_are_refused(start):
     assert http("GET", f"{base}/health")[0] == 200
 
 
-def test_api_key_when_set(start, db):
+def test_api_key_when_set(start: Started, db: redis.Redis) -> None:
     _, base = start_proxy(start, API_KEY="s3cret-key")
     body = json.dumps({"image_data": SAMPLE_B64}).encode()
     assert http("GET", f"{base}/health")[0] == 200  # probes need no key
@@ -226,7 +228,7 @@ def test_api_key_when_set(start, db):
     assert http("GET", f"{base}/job/{answer['job_id']}", headers=good)[0] == 200
 
 
-def test_huge_headers_are_refused(start):
+def test_huge_headers_are_refused(start: Started) -> None:
     # httptools, uvicorn's default parser, would take headers of any size: h11 is bounded.
     _, base = start_proxy(start)
     port = int(base.rsplit(":", 1)[1])
@@ -237,7 +239,7 @@ def test_huge_headers_are_refused(start):
     assert answer.startswith(b"HTTP/1.1 4"), answer
 
 
-def test_a_body_sent_too_slowly_is_408(start, db):
+def test_a_body_sent_too_slowly_is_408(start: Started, db: redis.Redis) -> None:
     _, base = start_proxy(start, BODY_TIMEOUT=1)
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
