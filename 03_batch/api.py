@@ -8,7 +8,9 @@ import hmac
 import json
 import logging
 import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import db
 import uvicorn
@@ -32,6 +34,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from pymysql.connections import Connection
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
@@ -42,8 +45,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("api")
+T = TypeVar("T")
 
 N_FEATURES = 4
 FLOAT32_MAX = 3.4028234663852886e38  # the model takes float32: larger values would become inf
@@ -103,10 +108,10 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     return value
 
 
-async def with_db(request: Request, fn, *args):
+async def with_db(request: Request, fn: Callable[..., T], *args: object) -> T:
     """Run fn(connection, *args) in the thread pool on a pooled connection; commit on success."""
 
-    def call():
+    def call() -> T:
         with request.app.state.pool.connection() as conn:
             return fn(conn, *args)
 
@@ -201,7 +206,7 @@ LISTING_DOC = """One page of rows in id order.
     """
 
 
-def listing(which: str):
+def listing(which: str) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def endpoint(request: Request) -> JSONResponse:
         limit = query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
         after_id = query_int(request, "after_id", 0, 0, 2**63 - 1)
@@ -246,7 +251,7 @@ async def health(request: Request) -> JSONResponse:
       503: {$ref: "#/components/responses/Error"}
     """
 
-    def ping(conn):
+    def ping(conn: Connection) -> None:
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
 
@@ -371,11 +376,11 @@ class RequireApiKey:
 
     OPEN = {"/health", "/openapi.json"}  # a liveness probe and the description of the routes
 
-    def __init__(self, app, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.OPEN:
             given = Headers(scope=scope).get("authorization", "").encode()
             if not hmac.compare_digest(given, self.expected):  # constant time
@@ -400,7 +405,7 @@ class IdConvertor(Convertor):
 
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db.apply_schema(settings)  # the table is created if missing, before we serve
         app.state.model = IrisModel(settings.model_filepath, settings.label_filepath)
         app.state.pool = db.Pool(settings)
@@ -408,7 +413,12 @@ def create_app(settings: Settings) -> Starlette:
         app.state.pool.close()
 
     register_url_convertor("id", IdConvertor())
-    handlers = {BadRequest: bad_request, HTTPException: http_error, Exception: internal_error}
+    # Callable[..., ...]: each handler takes the exception class it is registered for.
+    handlers: dict[Any, Callable[..., Awaitable[Response]]] = {
+        BadRequest: bad_request,
+        HTTPException: http_error,
+        Exception: internal_error,
+    }
     handlers.update(dict.fromkeys(db.UNAVAILABLE, db_unavailable))
     routes = [
         Route("/data", post_data, methods=["POST"]),

@@ -31,6 +31,8 @@ import db
 from config import MODELS_DIR, Settings
 from metrics import HttpMetrics
 from prometheus_client import CollectorRegistry
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HERE = Path(__file__).resolve().parent
 INSERT_BATCH = 10_000
@@ -66,13 +68,18 @@ def run_jobs(settings: Settings, processes: int, logdir: Path) -> tuple[float, l
     """Start the jobs together; returns wall seconds, each job's peak RSS in MiB, and the CPU
     seconds the jobs used (the rest of the time is the database's)."""
     env = dict(os.environ, MYSQL_DATABASE=settings.mysql_database)
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     started = time.perf_counter()
     for i in range(processes):
         with open(logdir / f"{settings.mysql_database}_{i}.log", "w") as out:
             cmd = [sys.executable, "job.py", "--once"]
             procs.append(subprocess.Popen(cmd, cwd=HERE, env=env, stdout=out, stderr=out))
-    watchdog = threading.Timer(TIMEOUT_S, lambda: [p.kill() for p in procs])
+
+    def kill_all() -> None:
+        for p in procs:
+            p.kill()
+
+    watchdog = threading.Timer(TIMEOUT_S, kill_all)
     watchdog.start()
     peaks, codes, cpu = [], [], 0.0
     try:
@@ -100,7 +107,10 @@ def count_predicted(settings: Settings) -> int:
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT COUNT(*) FROM items WHERE prediction IS NOT NULL")
-            return cur.fetchone()[0]
+            row = cur.fetchone()
+            assert row is not None  # COUNT(*) always answers one row
+            count: int = row[0]
+            return count
     finally:
         conn.close()
 
@@ -147,24 +157,30 @@ def time_requests(port: int, method: str, path: str, body: bytes | None, n: int)
 def middleware_alone(n: int = 20_000) -> float:
     """Microseconds HttpMetrics adds to one request, around an app that answers at once."""
 
-    async def app(scope, receive, send):
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         scope["endpoint"] = endpoint  # as the router does
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    async def send(message):
+    async def send(message: Message) -> None:
         pass
 
-    async def receive():
+    async def receive() -> Message:
         return {"type": "http.request", "body": b""}
 
     # The API's own routes (creating the app touches no database), GET /data/{item_id}.
-    routes = api.create_app(Settings()).routes
+    routes = [r for r in api.create_app(Settings()).routes if isinstance(r, Route)]
     endpoint = next(r.endpoint for r in routes if r.path_format == "/data/{item_id}")
     wrapped = HttpMetrics(app, CollectorRegistry(), routes)
-    scope = {"type": "http", "method": "GET", "path": "/data/7", "headers": [], "root_path": ""}
+    scope: Scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/data/7",
+        "headers": [],
+        "root_path": "",
+    }
 
-    async def loop(target) -> float:
+    async def loop(target: ASGIApp) -> float:
         started = time.perf_counter()
         for _ in range(n):
             await target(scope, receive, send)
@@ -227,7 +243,8 @@ def metrics_overhead(base: Settings, rounds: int, per_round: int) -> None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def main() -> None:

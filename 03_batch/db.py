@@ -8,9 +8,11 @@ import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pymysql
 from config import Settings
+from pymysql.connections import Connection
 
 SCHEMA = Path(__file__).resolve().parent / "schema.sql"
 
@@ -65,7 +67,7 @@ class Pool:
 
     def __init__(self, settings: Settings, max_idle: int = 8) -> None:
         self._settings = settings
-        self._idle: queue.LifoQueue = queue.LifoQueue(max_idle)
+        self._idle: queue.LifoQueue[Connection] = queue.LifoQueue(max_idle)
 
     @contextmanager
     def connection(self) -> Iterator[pymysql.connections.Connection]:
@@ -93,7 +95,7 @@ class Pool:
 COLUMNS = "id, `values`, prediction, created_datetime"
 
 
-def _item(row: tuple) -> dict:
+def _item(row: tuple[Any, ...]) -> dict[str, Any]:
     item_id, values, prediction, created = row
     return {
         "id": item_id,
@@ -103,7 +105,7 @@ def _item(row: tuple) -> dict:
     }
 
 
-def insert_items(conn, values_list: list[list[float]]) -> list[dict]:
+def insert_items(conn: Connection, values_list: list[list[float]]) -> list[dict[str, Any]]:
     """Insert rows in one statement and one transaction; return them as stored."""
     with conn.cursor() as cur:
         placeholders = ",".join(["(%s)"] * len(values_list))
@@ -124,7 +126,7 @@ def insert_items(conn, values_list: list[list[float]]) -> list[dict]:
     return [_item(r) for r in rows]
 
 
-def get_item(conn, item_id: int) -> dict | None:
+def get_item(conn: Connection, item_id: int) -> dict[str, Any] | None:
     with conn.cursor() as cur:
         cur.execute(f"SELECT {COLUMNS} FROM items WHERE id = %s", (item_id,))
         row = cur.fetchone()
@@ -140,7 +142,7 @@ FILTERS = {
 }
 
 
-def list_items(conn, which: str, after_id: int, limit: int) -> list[dict]:
+def list_items(conn: Connection, which: str, after_id: int, limit: int) -> list[dict[str, Any]]:
     """One page in id order; the next page starts after the last id of this one."""
     where = FILTERS[which] or "WHERE"
     with conn.cursor() as cur:

@@ -16,7 +16,7 @@ API_PID= JOBS=()  # background processes: stopped and waited for on any exit, Ct
 if [[ -n ${COMPOSE:-} ]]; then
   URL="http://$($COMPOSE port api 8000)"
   JOB_CMD="docker compose run --rm job python job.py --once"
-  run_job() { $COMPOSE run --rm --no-deps -T ${CHUNK_SIZE:+-e CHUNK_SIZE=$CHUNK_SIZE} job python job.py --once; }
+  run_job() { ${EXEC:-} $COMPOSE run --rm --no-deps -T ${CHUNK_SIZE:+-e CHUNK_SIZE=$CHUNK_SIZE} job python job.py --once; }
   start_api() { :; }
   drop_db() { :; }
   stop_loop_job() { $COMPOSE stop job >/dev/null 2>&1; }
@@ -34,7 +34,7 @@ else
   export MYSQL_DATABASE=${DEMO_DATABASE:-batch_demo} PORT=${PORT:-8000}
   URL="http://127.0.0.1:$PORT"
   JOB_CMD="python job.py --once"
-  run_job() { $PY job.py --once; }
+  run_job() { ${EXEC:-} $PY job.py --once; }
   start_api() {
     echo "== start the API on :$PORT (database $MYSQL_DATABASE)"
     $PY api.py >"$LOGS/api.log" 2>&1 &
@@ -109,7 +109,9 @@ $PY -c 'import json; print(json.dumps({"items": [{"values": [5.9, 3.0, 5.1, 1.8]
   >"$LOGS/rows.json"
 for _ in 1 2 3; do curl -sS --fail -o /dev/null -X POST "$URL/data/list" -d @"$LOGS/rows.json"; done
 echo "\$ for i in 1 2 3; do CHUNK_SIZE=1000 $JOB_CMD & done; wait"
-for i in 1 2 3; do CHUNK_SIZE=1000 run_job >"$LOGS/job$i.log" & JOBS+=($!); done
+# EXEC=exec: the background subshell becomes the job, so cleanup signals and waits for the job
+# itself (not a subshell that would leave it running).
+for i in 1 2 3; do CHUNK_SIZE=1000 EXEC=exec run_job >"$LOGS/job$i.log" & JOBS+=($!); done
 for pid in "${JOBS[@]}"; do wait "$pid"; done
 JOBS=()  # all exited: never signal their (reusable) pids
 total=0

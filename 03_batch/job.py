@@ -19,7 +19,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import db
 import jsonlog
@@ -29,6 +31,8 @@ from config import CHUNK_ATTEMPTS, LOCK_WAIT_S, RETRY_DELAY_S, Settings
 from metrics import JobMetrics
 from model import IrisModel
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from pymysql.connections import Connection
+from pymysql.cursors import Cursor
 
 log = logging.getLogger("job")
 
@@ -83,7 +87,7 @@ class Claims:
         self._after = 0
         self._lock = threading.Lock()
 
-    def claim(self, cur, size: int) -> tuple[int, list[tuple]]:
+    def claim(self, cur: Cursor, size: int) -> tuple[int, Sequence[tuple[Any, ...]]]:
         """Lock the next chunk; returns the id it started after, and its (id, values) rows."""
         with self._lock:
             after = self._after
@@ -109,7 +113,9 @@ def parse_row(values: str) -> list:
     return parsed if row.shape == (N_FEATURES,) else [np.nan] * N_FEATURES
 
 
-def predict_chunk(model: IrisModel, rows: list[tuple]) -> tuple[str, list[tuple[str, int]]]:
+def predict_chunk(
+    model: IrisModel, rows: Sequence[tuple[Any, ...]]
+) -> tuple[str, list[tuple[str, int]]]:
     """Claimed (id, values) rows -> the VALUES list of the write-back statement, and the
     (reason, id) of each row that cannot be scored."""
     ids = np.array([r[0] for r in rows])
@@ -132,7 +138,7 @@ def predict_chunk(model: IrisModel, rows: list[tuple]) -> tuple[str, list[tuple[
     return written, bad
 
 
-def open_connection(settings: Settings):
+def open_connection(settings: Settings) -> Connection:
     conn = db.connect(settings)
     with conn.cursor() as cur:
         cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -143,7 +149,7 @@ def open_connection(settings: Settings):
 
 
 def do_chunk(
-    conn, model: IrisModel, claims: Claims, size: int, metrics: JobMetrics
+    conn: Connection, model: IrisModel, claims: Claims, size: int, metrics: JobMetrics
 ) -> tuple[int, int]:
     """Claim, predict, write and commit one chunk; returns its rows (0: nothing left) and how
     many of them were quarantined."""
@@ -252,7 +258,9 @@ def run_once(settings: Settings, model: IrisModel, metrics: JobMetrics) -> int:
     try:
         with conn.cursor() as cur:
             cur.execute(COUNT)
-            log.info("rows found", extra={"rows": cur.fetchone()[0]})
+            row = cur.fetchone()
+            assert row is not None  # COUNT(*) always answers one row
+            log.info("rows found", extra={"rows": row[0]})
     finally:
         conn.close()
     claims, stop = Claims(), threading.Event()

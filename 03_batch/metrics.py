@@ -10,13 +10,16 @@ the time of the last successful run, on METRICS_PORT.
 
 import logging
 import time
+from collections.abc import Iterator
 
 import db
 import pymysql
 from config import METRICS_QUERY_TIMEOUT_S, Settings
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from starlette.routing import Match
+from pymysql.connections import Connection
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("metrics")
 
@@ -37,9 +40,9 @@ class HttpMetrics:
     router would; a path no route matches is "unmatched", so no client can create a series.
     """
 
-    def __init__(self, app, registry: CollectorRegistry, routes: list) -> None:
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry, routes: list[Route]) -> None:
         self.app, self.routes = app, routes
-        self.templates = {route.endpoint: route.path_format for route in routes}
+        self.templates: dict[object, str] = {route.endpoint: route.path_format for route in routes}
         self.requests = Counter(
             "http_requests_total",
             "HTTP requests answered, by method, route template and status",
@@ -54,11 +57,12 @@ class HttpMetrics:
             buckets=HTTP_BUCKETS,
         )
 
-    def route_of(self, scope) -> str:
+    def route_of(self, scope: Scope) -> str:
         template = self.templates.get(scope.get("endpoint"))
         if template is not None:
             return template
-        partial = None  # not routed: a full match, else a partial one (a 405), as the router
+        # Not routed: a full match, else a partial one (a 405), as the router.
+        partial: str | None = None
         for route in self.routes:
             match = route.matches(scope)[0]
             if match == Match.FULL:
@@ -67,9 +71,10 @@ class HttpMetrics:
                 partial = route.path_format
         return partial or "unmatched"
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
         status, counted = 500, False  # 500: what the client gets if the app raises
 
@@ -81,7 +86,7 @@ class HttpMetrics:
             self.duration.labels(method, route).observe(time.perf_counter() - started)
             self.requests.labels(method, route, str(status)).inc()
 
-        async def send_and_count(message) -> None:
+        async def send_and_count(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -96,7 +101,7 @@ class HttpMetrics:
                 count()
 
 
-def bounded(conn, sql: str) -> str:
+def bounded(conn: Connection, sql: str) -> str:
     """sql with a server-side time limit of METRICS_QUERY_TIMEOUT_S, in each server's dialect
     (the client's read timeout alone would leave the query running on the server)."""
     if "MariaDB" in conn.get_server_info():
@@ -121,11 +126,11 @@ class TableGauges:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def describe(self):  # so registering never queries the database
+    def describe(self) -> list[GaugeMetricFamily]:  # so registering never queries the database
         return [self.unpredicted(None), self.age(None)]
 
     @staticmethod
-    def unpredicted(value) -> GaugeMetricFamily:
+    def unpredicted(value: float | None) -> GaugeMetricFamily:
         return GaugeMetricFamily(
             "batch_rows_unpredicted",
             "Rows waiting for the job (state 0), counted in the database at scrape time",
@@ -133,20 +138,22 @@ class TableGauges:
         )
 
     @staticmethod
-    def age(value) -> GaugeMetricFamily:
+    def age(value: float | None) -> GaugeMetricFamily:
         return GaugeMetricFamily(
             "batch_oldest_unpredicted_age_seconds",
             "How long the oldest waiting row has waited (0: none waits), read at scrape time",
             value=value,
         )
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             conn = db.connect(self.settings, timeout=METRICS_QUERY_TIMEOUT_S)
             try:
                 with conn.cursor() as cur:
                     cur.execute(bounded(conn, WAITING))
-                    waiting, oldest = cur.fetchone()
+                    row = cur.fetchone()
+                    assert row is not None  # COUNT(*) always answers one row
+                    waiting, oldest = row
                     age = 0
                     if oldest is not None:
                         cur.execute(bounded(conn, AGE), (oldest,))

@@ -1,6 +1,7 @@
 """The Iris classifier: one onnxruntime session, predicting a whole batch per call."""
 
 import json
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -19,10 +20,11 @@ class IrisModel:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """float32 [n, 4] -> float32 [n, 3]; one vectorised call for the whole batch."""
-        return self.session.run(["probabilities"], {"input": x})[0]
+        proba: np.ndarray = self.session.run(["probabilities"], {"input": x})[0]
+        return proba
 
-    def metadata(self) -> dict:
-        def describe(arg) -> dict:
+    def metadata(self) -> dict[str, Any]:
+        def describe(arg: ort.NodeArg) -> dict[str, Any]:
             return {"name": arg.name, "type": arg.type, "shape": arg.shape}
 
         outputs = [o for o in self.session.get_outputs() if o.name == "probabilities"]

@@ -12,7 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import pymysql
 import pytest
@@ -24,6 +26,7 @@ import db  # noqa: E402
 from config import Settings  # noqa: E402
 
 BASE = Settings.from_env()
+T = TypeVar("T")
 
 
 ACCESS_DENIED = (1045, 1698)  # wrong password / unknown account; unix-socket-only account
@@ -40,7 +43,7 @@ and run the tests with MYSQL_USER=batch_test (or set MYSQL_USER/MYSQL_PASSWORD).
 
 
 @pytest.fixture(scope="session", autouse=True)
-def mysql_server(request):
+def mysql_server(request: pytest.FixtureRequest) -> None:
     """Stop the run at once, with a clear message, when there is no database server to test
     against or it refuses our account."""
     if all(item.get_closest_marker("containers") for item in request.session.items):
@@ -57,7 +60,7 @@ def mysql_server(request):
 
 
 @pytest.fixture
-def settings():
+def settings() -> Iterator[Settings]:
     """Settings for a fresh database of this test's own (batch_test_<random>), dropped after."""
     s = dataclasses.replace(BASE, mysql_database=f"batch_test_{secrets.token_hex(4)}")
     db.apply_schema(s)
@@ -68,10 +71,11 @@ def settings():
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def env_for(settings: Settings, **extra) -> dict:
+def env_for(settings: Settings, **extra: object) -> dict[str, str]:
     env = dict(
         os.environ,
         MYSQL_HOST=settings.mysql_host,
@@ -86,16 +90,23 @@ def env_for(settings: Settings, **extra) -> dict:
     return env
 
 
+class Process(subprocess.Popen[bytes]):
+    """A started process and the file its output goes to."""
+
+    log_path: str
+    log_file: IO[str]
+
+
 class Processes:
-    """Processes a test starts; all of them are killed at the end, pass or fail."""
+    """Processes a test starts; all of them are stopped at the end, pass or fail."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.started: list[subprocess.Popen] = []
+        self.started: list[Process] = []
 
-    def start(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
+    def start(self, args: list[str], env: dict[str, str], name: str) -> Process:
         log = open(self.tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed in stop_all)
-        proc = subprocess.Popen(
+        proc = Process(
             [sys.executable, *args], cwd=CHAPTER, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         proc.log_path, proc.log_file = log.name, log
@@ -103,32 +114,38 @@ class Processes:
         return proc
 
     def stop_all(self) -> None:
+        # SIGTERM first, so a process's coverage data is written; SIGKILL if it does not stop.
         for proc in self.started:
             if proc.poll() is None:
+                proc.terminate()
+        for proc in self.started:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-            proc.wait()
+                proc.wait()
             proc.log_file.close()
 
 
 @pytest.fixture
-def processes(tmp_path):
+def processes(tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(tmp_path)
     yield procs
     procs.stop_all()
 
 
-def read_log(proc) -> str:
+def read_log(proc: Process) -> str:
     with open(proc.log_path) as f:
         return f.read()
 
 
-def log_lines(proc) -> list[dict]:
+def log_lines(proc: Process) -> list[dict[str, Any]]:
     """The JSON log lines a process wrote so far (every line must be JSON)."""
     with open(proc.log_path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+def wait_for(predicate: Callable[[], T], timeout: float = 60, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = predicate()
@@ -138,7 +155,9 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def http(method: str, url: str, body=None, raw: bytes | None = None, auth: str | None = None):
+def http(
+    method: str, url: str, body: object = None, raw: bytes | None = None, auth: str | None = None
+) -> tuple[int, Any]:
     """One request; returns (status, parsed JSON body)."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(url, data=data, method=method)
@@ -152,14 +171,16 @@ def http(method: str, url: str, body=None, raw: bytes | None = None, auth: str |
         return e.code, json.loads(e.read())
 
 
-def start_api(processes: Processes, settings: Settings, env: dict | None = None, **extra) -> str:
+def start_api(
+    processes: Processes, settings: Settings, env: dict[str, str] | None = None, **extra: object
+) -> str:
     """The API as a process on a free port (or env's PORT); returns its URL once it is up."""
     if env is None:
         env = env_for(settings, PORT=free_port(), HOST="127.0.0.1", **extra)
     proc = processes.start(["api.py"], env, "api")
     url = f"http://127.0.0.1:{env['PORT']}"
 
-    def up():
+    def up() -> bool:
         assert proc.poll() is None, f"api exited early: {read_log(proc)}"
         try:
             return http("GET", url + "/health")[0] == 200
@@ -171,11 +192,13 @@ def start_api(processes: Processes, settings: Settings, env: dict | None = None,
 
 
 @pytest.fixture
-def api(processes, settings) -> str:
+def api(processes: Processes, settings: Settings) -> str:
     return start_api(processes, settings)
 
 
-def run_job(settings: Settings, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+def run_job(
+    settings: Settings, timeout: float = 300, **env: object
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "job.py", "--once"],
         cwd=CHAPTER,
@@ -196,7 +219,7 @@ def insert_rows(settings: Settings, values_list: list[list[float]]) -> list[int]
     return [item["id"] for item in items]
 
 
-def query(settings: Settings, sql: str, args=None) -> list[tuple]:
+def query(settings: Settings, sql: str, args: object = None) -> list[tuple[Any, ...]]:
     conn = db.connect(settings)
     try:
         with conn.cursor() as cur:
@@ -209,7 +232,9 @@ def query(settings: Settings, sql: str, args=None) -> list[tuple]:
 
 
 @pytest.fixture
-def private_mysql(tmp_path, processes):
+def private_mysql(
+    tmp_path: Path, processes: Processes
+) -> Iterator[tuple[Settings, subprocess.Popen[bytes]]]:
     """A MariaDB server of this test's own, on a free port, that the test may stop."""
     install, server = shutil.which("mariadb-install-db"), shutil.which("mariadbd")
     if not (install and server):
@@ -229,7 +254,7 @@ def private_mysql(tmp_path, processes):
     )  # fmt: skip
     s = Settings(mysql_host="127.0.0.1", mysql_port=port, mysql_database="batch_private")
 
-    def ready():
+    def ready() -> bool:
         try:
             db.apply_schema(s)
             return True
@@ -245,7 +270,7 @@ def private_mysql(tmp_path, processes):
         proc.wait()
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """What the container checks saw, and how many requests the fuzz test sent to each
     operation (when they ran)."""
     containers = sys.modules.get("test_containers")

@@ -9,18 +9,19 @@ from datetime import datetime
 
 import pytest
 from api import FLOAT32_MAX
-from config import MAX_BODY, MAX_CONNECTIONS, MAX_HEADER_BYTES, MAX_ITEMS
-from conftest import env_for, free_port, http, query, start_api, wait_for
+from config import MAX_BODY, MAX_CONNECTIONS, MAX_HEADER_BYTES, MAX_ITEMS, Settings
+from conftest import Processes, env_for, free_port, http, query, start_api, wait_for
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 VIRGINICA = [6.3, 3.3, 6.0, 2.5]
 
 
-def count(settings) -> int:
-    return query(settings, "SELECT COUNT(*) FROM items")[0][0]
+def count(settings: Settings) -> int:
+    n: int = query(settings, "SELECT COUNT(*) FROM items")[0][0]
+    return n
 
 
-def test_post_one_item(api, settings):
+def test_post_one_item(api: str, settings: Settings) -> None:
     status, item = http("POST", api + "/data", {"values": SETOSA})
     assert status == 201
     assert set(item) == {"id", "values", "prediction", "created_datetime"}
@@ -29,7 +30,7 @@ def test_post_one_item(api, settings):
     assert http("GET", f"{api}/data/{item['id']}") == (200, item)
 
 
-def test_post_list_in_order(api, settings):
+def test_post_list_in_order(api: str, settings: Settings) -> None:
     status, items = http(
         "POST", api + "/data/list", {"items": [{"values": SETOSA}, {"values": VIRGINICA}]}
     )
@@ -40,17 +41,17 @@ def test_post_list_in_order(api, settings):
     assert count(settings) == 2
 
 
-def test_integers_are_stored_as_floats(api):
+def test_integers_are_stored_as_floats(api: str) -> None:
     status, item = http("POST", api + "/data", {"values": [5, 3, 1, 0]})
     assert status == 201 and item["values"] == [5.0, 3.0, 1.0, 0.0]
 
 
-def test_get_missing_item_is_404(api):
+def test_get_missing_item_is_404(api: str) -> None:
     assert http("GET", api + "/data/999999") == (404, {"detail": "Item not found"})
     assert http("GET", api + "/data/abc")[0] == 404
 
 
-def test_pagination_walks_every_row_once(api):
+def test_pagination_walks_every_row_once(api: str) -> None:
     status, items = http("POST", api + "/data/list", {"items": [{"values": SETOSA}] * 250})
     assert status == 201
     ids = [i["id"] for i in items]
@@ -71,7 +72,7 @@ def test_pagination_walks_every_row_once(api):
     assert len(http("GET", api + "/data/all?limit=1000")[1]) == 250
 
 
-def test_predicted_and_unpredicted_filters(api, settings):
+def test_predicted_and_unpredicted_filters(api: str, settings: Settings) -> None:
     _, items = http("POST", api + "/data/list", {"items": [{"values": SETOSA}] * 3})
     ids = [i["id"] for i in items]
     # Give one row a prediction, as the job would.
@@ -93,7 +94,7 @@ def test_predicted_and_unpredicted_filters(api, settings):
     "query_string",
     ["limit=0", "limit=1001", "limit=abc", "after_id=-1", "after_id=1.5"],
 )
-def test_bad_pagination_is_400(api, query_string):
+def test_bad_pagination_is_400(api: str, query_string: str) -> None:
     status, body = http("GET", f"{api}/data/all?{query_string}")
     assert status == 400 and "detail" in body
 
@@ -115,7 +116,7 @@ BAD_ITEMS = {
 
 
 @pytest.mark.parametrize("item", BAD_ITEMS.values(), ids=BAD_ITEMS.keys())
-def test_bad_item_is_400_and_writes_nothing(api, settings, item):
+def test_bad_item_is_400_and_writes_nothing(api: str, settings: Settings, item: object) -> None:
     status, body = http("POST", api + "/data", item)
     assert status == 400 and body["detail"]
     # The same item inside a list, after a good one: the whole request is refused.
@@ -134,7 +135,9 @@ def test_bad_item_is_400_and_writes_nothing(api, settings, item):
     ],
     ids=["NaN", "Infinity", "malformed", "empty body"],
 )
-def test_non_json_numbers_and_malformed_json_are_400(api, settings, raw):
+def test_non_json_numbers_and_malformed_json_are_400(
+    api: str, settings: Settings, raw: bytes
+) -> None:
     status, body = http("POST", api + "/data", raw=raw)
     assert status == 400 and body["detail"]
     assert count(settings) == 0
@@ -151,20 +154,20 @@ def test_non_json_numbers_and_malformed_json_are_400(api, settings, raw):
     ],
     ids=["empty list", "10,001 items", "items not a list", "no items key", "extra key"],
 )
-def test_bad_list_is_400_and_writes_nothing(api, settings, body):
+def test_bad_list_is_400_and_writes_nothing(api: str, settings: Settings, body: object) -> None:
     status, answer = http("POST", api + "/data/list", body)
     assert status == 400 and answer["detail"]
     assert count(settings) == 0
 
 
-def test_ten_thousand_items_in_one_request(api, settings):
+def test_ten_thousand_items_in_one_request(api: str, settings: Settings) -> None:
     status, items = http("POST", api + "/data/list", {"items": [{"values": VIRGINICA}] * 10_000})
     assert status == 201 and len(items) == 10_000
     assert [i["id"] for i in items] == list(range(items[0]["id"], items[0]["id"] + 10_000))
     assert count(settings) == 10_000
 
 
-def test_health_and_metadata(api):
+def test_health_and_metadata(api: str) -> None:
     assert http("GET", api + "/health") == (200, {"status": "ok"})
     status, meta = http("GET", api + "/metadata")
     assert status == 200
@@ -174,7 +177,7 @@ def test_health_and_metadata(api):
     assert meta["labels"] == {"0": "setosa", "1": "versicolor", "2": "virginica"}
 
 
-def test_wrong_method_is_405_json(api):
+def test_wrong_method_is_405_json(api: str) -> None:
     status, body = http("GET", api + "/data")
     assert status == 405 and "detail" in body
 
@@ -199,7 +202,7 @@ def raw_exchange(url: str, request: bytes, timeout: float = 10) -> bytes:
     return answer
 
 
-def test_declared_oversized_body_is_413_before_any_of_it_is_read(api):
+def test_declared_oversized_body_is_413_before_any_of_it_is_read(api: str) -> None:
     answer = raw_exchange(
         api,
         b"POST /data/list HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -209,7 +212,7 @@ def test_declared_oversized_body_is_413_before_any_of_it_is_read(api):
     assert b'"detail"' in answer
 
 
-def test_streamed_body_is_cut_off_past_the_limit(api):
+def test_streamed_body_is_cut_off_past_the_limit(api: str) -> None:
     # Chunked, no length: the server cannot know the size before it has read MAX_BODY + 1 bytes.
     # The terminating chunk is never sent, so only a server that stops reading can answer.
     data = b"[" * (MAX_BODY + 1)
@@ -223,7 +226,9 @@ def test_streamed_body_is_cut_off_past_the_limit(api):
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
-def test_ten_thousand_items_of_the_longest_numbers_fit_the_body_limit(api, settings):
+def test_ten_thousand_items_of_the_longest_numbers_fit_the_body_limit(
+    api: str, settings: Settings
+) -> None:
     longest = [-FLOAT32_MAX, -1.1754943508222875e-38, -FLOAT32_MAX, -FLOAT32_MAX]
     body = {"items": [{"values": longest}] * MAX_ITEMS}
     assert len(json.dumps(body)) < MAX_BODY
@@ -232,34 +237,34 @@ def test_ten_thousand_items_of_the_longest_numbers_fit_the_body_limit(api, setti
 
 
 @pytest.mark.parametrize("path", ["/data", "/data/list"])
-def test_deeply_nested_json_is_400(api, settings, path):
+def test_deeply_nested_json_is_400(api: str, settings: Settings, path: str) -> None:
     for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"items": ' + b"[" * 100_000):
         status, body = http("POST", api + path, raw=raw)
         assert status == 400 and body["detail"].startswith("malformed JSON")
     assert count(settings) == 0
 
 
-def test_integer_literal_of_5000_digits_is_400(api, settings):
+def test_integer_literal_of_5000_digits_is_400(api: str, settings: Settings) -> None:
     status, body = http("POST", api + "/data", raw=b'{"values": [1, 2, 3, %s]}' % (b"9" * 5000))
     assert status == 400 and body["detail"]
     assert count(settings) == 0
 
 
 @pytest.mark.parametrize("item_id", ["9" * 5000, "99999999999999999999999", "-1", "1.5"])
-def test_unknown_or_absurd_id_in_the_url_is_404(api, item_id):
+def test_unknown_or_absurd_id_in_the_url_is_404(api: str, item_id: str) -> None:
     status, body = http("GET", f"{api}/data/{item_id}")
     assert status == 404 and body["detail"] in ("Item not found", "Not Found")
     assert http("GET", f"{api}/data/18446744073709551615") == (404, {"detail": "Item not found"})
 
 
-def test_wrong_method_on_a_known_path_is_405_with_allow(api):
+def test_wrong_method_on_a_known_path_is_405_with_allow(api: str) -> None:
     req = urllib.request.Request(api + "/data/list", method="GET")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 405 and e.value.headers["Allow"] == "POST"
 
 
-def test_headers_growing_past_the_bound_are_refused(api):
+def test_headers_growing_past_the_bound_are_refused(api: str) -> None:
     # A client trickling an endless header block: once MAX_HEADER_BYTES have arrived without
     # the blank line that ends it, the server answers 400 instead of buffering more.
     host, port = api.removeprefix("http://").split(":")
@@ -274,7 +279,7 @@ def test_headers_growing_past_the_bound_are_refused(api):
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
 
 
-def test_idle_connections_past_the_limit_get_503(api):
+def test_idle_connections_past_the_limit_get_503(api: str) -> None:
     host, port = api.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port))) for _ in range(MAX_CONNECTIONS)]
     try:
@@ -294,7 +299,7 @@ def http_status_only(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def test_host_defaults_to_loopback_only(processes, settings):
+def test_host_defaults_to_loopback_only(processes: Processes, settings: Settings) -> None:
     env = env_for(settings, PORT=free_port())
     env.pop("HOST", None)
     url = start_api(processes, settings, env=env)
@@ -305,7 +310,7 @@ def test_host_defaults_to_loopback_only(processes, settings):
         assert s.connect_ex(("127.0.0.2", port)) != 0
 
 
-def test_api_key_guards_every_endpoint_but_health(processes, settings):
+def test_api_key_guards_every_endpoint_but_health(processes: Processes, settings: Settings) -> None:
     url = start_api(processes, settings, API_KEY="s3cret-key")
     row = {"values": [5.1, 3.5, 1.4, 0.2]}
     for method, path, body in [

@@ -5,9 +5,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from config import Settings
 from conftest import CHAPTER, env_for, free_port, query, wait_for
 
 
@@ -45,15 +47,18 @@ def interrupt_and_check(proc: subprocess.Popen, group: bool = True) -> None:
     assert left == [], left
 
 
-def bench_databases(settings) -> set[str]:
+def bench_databases(settings: Settings) -> set[str]:
     return {r[0] for r in query(settings, "SHOW DATABASES LIKE 'batch\\_bench\\_%%'")}
 
 
-@pytest.fixture
-def own_group():
-    started = []
+StartGroup = Callable[[list[str], dict[str, str]], subprocess.Popen[bytes]]
 
-    def start(args, env):
+
+@pytest.fixture
+def own_group() -> Iterator[StartGroup]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             args, cwd=CHAPTER, env=env, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -68,7 +73,7 @@ def own_group():
             proc.wait()
 
 
-def test_ctrl_c_on_demo_stops_its_jobs_and_api(settings, own_group):
+def test_ctrl_c_on_demo_stops_its_jobs_and_api(settings: Settings, own_group: StartGroup) -> None:
     env = env_for(settings, PORT=free_port(), DEMO_DATABASE=settings.mysql_database + "_demo")
     demo = own_group(["bash", "demo.sh"], env)
     wait_for(lambda: jobs_running(demo.pid, 3), timeout=120, what="the demo's three jobs")
@@ -78,24 +83,27 @@ def test_ctrl_c_on_demo_stops_its_jobs_and_api(settings, own_group):
 
 
 @pytest.mark.parametrize("group", [True, False], ids=["ctrl-c", "kill -INT"])
-def test_sigint_on_bench_stops_its_jobs(settings, own_group, group):
+def test_sigint_on_bench_stops_its_jobs(
+    settings: Settings, own_group: StartGroup, group: bool
+) -> None:
     before = bench_databases(settings)
     # One row per chunk and one thread: the job takes seconds, so Ctrl-C lands while it runs.
     env = env_for(settings, CHUNK_SIZE=1, THREADS=1)
     bench = own_group([sys.executable, "bench.py", "--rows", "3000", "--processes", "1"], env)
 
-    def predicting():  # the job has loaded its model and commits chunks
+    def predicting() -> bool:  # the job has loaded its model and commits chunks
         new = bench_databases(settings) - before
-        return new and query(settings, f"SELECT COUNT(*) FROM `{new.pop()}`.items WHERE state = 1")
+        sql = f"SELECT COUNT(*) FROM `{new.pop()}`.items WHERE state = 1" if new else None
+        return sql is not None and query(settings, sql)[0][0] > 0
 
     wait_for(lambda: jobs_running(bench.pid, 1), timeout=120, what="the bench's job")
-    wait_for(lambda: predicting()[0][0] > 0, timeout=120, what="the job's first chunks")
+    wait_for(predicting, timeout=120, what="the job's first chunks")
     interrupt_and_check(bench, group)
     assert bench.returncode != 0
     assert bench_databases(settings) == before  # its database was dropped too
 
 
-def test_a_refused_account_stops_the_tests_at_once_with_a_hint():
+def test_a_refused_account_stops_the_tests_at_once_with_a_hint() -> None:
     # The server is up (the other tests use it) but knows no such account: the session fixture
     # must say so and stop, not report "cannot reach" nor let every test fail on its own.
     done = subprocess.run(

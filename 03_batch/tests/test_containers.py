@@ -20,7 +20,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import pytest
 
@@ -33,6 +35,7 @@ pytestmark = [
 ]
 
 CHAPTER = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 ROWS = 20_000
 BATCH = 10_000  # MAX_ITEMS: rows per POST /data/list
 NOTES: list[str] = []  # what the checks saw: conftest prints it at the end of the run
@@ -62,7 +65,7 @@ def api_url() -> str:
     return "http://" + compose("port", "api", "8000").strip()
 
 
-def http(method: str, url: str, body=None, timeout: float = 60) -> tuple[int, object]:
+def http(method: str, url: str, body: object = None, timeout: float = 60) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")
@@ -73,7 +76,11 @@ def http(method: str, url: str, body=None, timeout: float = 60) -> tuple[int, ob
         return e.code, json.loads(e.read())
 
 
-def until(condition, timeout: float = 120, what: str = "condition"):
+def until(
+    condition: Callable[[], T | Literal[False] | None],
+    timeout: float = 120,
+    what: str = "condition",
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -125,17 +132,17 @@ def job_log() -> list[tuple[str, dict]]:
     return entries
 
 
-def committed_rows(first: int) -> Counter:
+def committed_rows(first: int) -> Counter[str]:
     """Rows of the committed chunks (a chunk is logged after its commit) from id `first` on,
     per job container."""
-    done = Counter()
+    done: Counter[str] = Counter()
     for container, entry in job_log():
         if entry["message"] == "chunk" and entry["first_id"] >= first:
             done[container] += entry["rows"]
     return done
 
 
-def start_jobs(n: int, **settings) -> None:
+def start_jobs(n: int, **settings: object) -> None:
     """n fresh job containers with these settings (`INTERVAL=1 ... docker compose up`): the job
     service's containers are removed first, so --no-recreate creates them all anew."""
     compose("rm", "--stop", "--force", "job")
@@ -168,7 +175,7 @@ def mask(text: str) -> str:
     return re.sub(r'"created_datetime":"[^"]+"', '"created_datetime":"T"', text)
 
 
-def test_the_walkthrough_gives_the_readme_answers():
+def test_the_walkthrough_gives_the_readme_answers() -> None:
     done = subprocess.run(
         ["bash", str(CHAPTER / "demo.sh")], capture_output=True, text=True, timeout=600
     )
@@ -180,7 +187,7 @@ def test_the_walkthrough_gives_the_readme_answers():
     assert len(compose("ps", "-q", "--status", "running", "job").split()) == 1  # started again
 
 
-def test_three_job_containers_predict_each_row_exactly_once():
+def test_three_job_containers_predict_each_row_exactly_once() -> None:
     url = api_url()
     size = 200  # 100 chunks, so the three containers' 12 threads all get some
     start_jobs(0)
@@ -222,7 +229,7 @@ def test_three_job_containers_predict_each_row_exactly_once():
         restore_jobs()
 
 
-def test_mysql_restart_under_a_running_job():
+def test_mysql_restart_under_a_running_job() -> None:
     url = api_url()
     size = 10  # 2,000 commits: the run lasts long enough to be cut by the restart
     start_jobs(0)
@@ -234,7 +241,7 @@ def test_mysql_restart_under_a_running_job():
         statuses: list[int] = []
         stop = threading.Event()
 
-        def poll_health():
+        def poll_health() -> None:
             while not stop.is_set():
                 try:
                     statuses.append(http("GET", url + "/health", timeout=10)[0])
@@ -277,7 +284,7 @@ def test_mysql_restart_under_a_running_job():
         restore_jobs()
 
 
-def test_a_killed_job_leaves_whole_chunks_and_is_restarted():
+def test_a_killed_job_leaves_whole_chunks_and_is_restarted() -> None:
     url = api_url()
     size = 10
     start_jobs(0)
@@ -307,15 +314,16 @@ def test_a_killed_job_leaves_whole_chunks_and_is_restarted():
         restore_jobs()
 
 
-def prometheus_api(base: str, path: str, **params: str) -> dict:
+def prometheus_api(base: str, path: str, **params: str) -> dict[str, Any]:
     query = urllib.parse.urlencode(params)
     with urllib.request.urlopen(f"{base}/api/v1/{path}?{query}", timeout=10) as response:
         answer = json.loads(response.read())
     assert answer["status"] == "success", answer
-    return answer["data"]
+    data: dict[str, Any] = answer["data"]
+    return data
 
 
-def targets_up(base: str) -> Counter | None:
+def targets_up(base: str) -> Counter[str] | None:
     """Active targets per scrape job, once every one of them is up."""
     try:
         active = prometheus_api(base, "targets", state="active")["activeTargets"]
@@ -326,11 +334,12 @@ def targets_up(base: str) -> Counter | None:
     return Counter(t["labels"]["job"] for t in active)
 
 
-def promql(base: str, query: str) -> list[dict]:
-    return prometheus_api(base, "query", query=query)["result"]
+def promql(base: str, query: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = prometheus_api(base, "query", query=query)["result"]
+    return result
 
 
-def test_the_monitoring_profile_scrapes_every_role_and_every_job():
+def test_the_monitoring_profile_scrapes_every_role_and_every_job() -> None:
     url = api_url()
     monitoring = ("--profile", "monitoring")
     # chapter.sh brings the stack up without profiles: this starts the profile's one service.
@@ -356,7 +365,7 @@ def test_the_monitoring_profile_scrapes_every_role_and_every_job():
             until(lambda: seen("batch_rows_unpredicted", 0), what="nothing waiting")
             per_job = promql(base, "batch_rows_predicted_total")
             NOTES.append(
-                f"monitoring: targets {dict(targets_up(base))}; rows predicted per job target"
+                f"monitoring: targets {dict(targets_up(base))}; rows predicted per job target"  # type: ignore[arg-type]  # all were up just above
                 f" {sorted(int(float(r['value'][1])) for r in per_job)}"
             )
         finally:

@@ -4,6 +4,7 @@ contradicting the schema."""
 
 import dataclasses
 import secrets
+from collections.abc import Iterator
 
 import api
 import db
@@ -21,7 +22,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", api.create_app(FUZZ))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fuzz_database():
+def fuzz_database() -> Iterator[None]:
     yield
     db.drop_database(FUZZ)
 
@@ -32,14 +33,14 @@ def fuzz_database():
     deadline=None,  # a loaded machine is not a failure
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-def test_api_conforms_to_its_schema(case):
+def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
     declared = case.method.upper() == case.operation.method.upper()
     key = f"{case.method} {case.path}" if declared else "undeclared methods (405 expected)"
     REQUESTS[key] = REQUESTS.get(key, 0) + 1
     case.call_and_validate()
 
 
-def test_openapi_lists_every_route(api):
+def test_openapi_lists_every_route(api: str) -> None:
     status, doc = http("GET", api + "/openapi.json")
     assert status == 200
     operations = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}

@@ -4,13 +4,18 @@ the database is gone."""
 import csv
 import json
 import signal
+import subprocess
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import db
 import numpy as np
 import onnxruntime as ort
-from config import CHUNK_ATTEMPTS, MODELS_DIR
+from config import CHUNK_ATTEMPTS, MODELS_DIR, Settings
 from conftest import (
+    Process,
+    Processes,
     env_for,
     free_port,
     http,
@@ -22,6 +27,7 @@ from conftest import (
     start_api,
     wait_for,
 )
+from pymysql.connections import Connection
 
 
 def iris() -> tuple[list[list[float]], list[int]]:
@@ -31,7 +37,7 @@ def iris() -> tuple[list[list[float]], list[int]]:
     return values, [int(r["target"]) for r in rows]
 
 
-def predictions(settings) -> dict[int, dict]:
+def predictions(settings: Settings) -> dict[int, dict[str, float]]:
     rows = query(settings, "SELECT id, prediction FROM items WHERE prediction IS NOT NULL")
     return {item_id: json.loads(p) for item_id, p in rows}
 
@@ -40,7 +46,7 @@ def messages(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def test_job_predicts_iris_rows_with_the_right_labels(api, settings):
+def test_job_predicts_iris_rows_with_the_right_labels(api: str, settings: Settings) -> None:
     values, targets = iris()
     _, items = http("POST", api + "/data/list", {"items": [{"values": v} for v in values]})
     done = run_job(settings, CHUNK_SIZE=16)  # several chunks, on several threads
@@ -59,7 +65,9 @@ def test_job_predicts_iris_rows_with_the_right_labels(api, settings):
         p = stored[item["id"]]
         assert list(p) == ["0", "1", "2"]
         assert np.allclose([p["0"], p["1"], p["2"]], proba, rtol=1e-5, atol=1e-6)
-    accuracy = np.mean([int(max(p, key=p.get)) for p in stored.values()] == np.array(targets))
+    accuracy = np.mean(
+        [int(max(p, key=p.__getitem__)) for p in stored.values()] == np.array(targets)
+    )
     assert accuracy > 0.9
 
     _, page = http("GET", api + "/data/predicted?limit=1000")
@@ -70,7 +78,9 @@ def test_job_predicts_iris_rows_with_the_right_labels(api, settings):
     assert again.returncode == 0 and messages(again.stdout)[-1]["rows"] == 0
 
 
-def test_three_jobs_predict_every_row_exactly_once(settings, processes):
+def test_three_jobs_predict_every_row_exactly_once(
+    settings: Settings, processes: Processes
+) -> None:
     n = 20_000
     insert_rows(settings, [[5.9, 3.0, 5.1, 1.8]] * n)
     # Hold the table so the three jobs block on their first query, then let them go together.
@@ -98,7 +108,9 @@ def test_three_jobs_predict_every_row_exactly_once(settings, processes):
     assert sum(chunk_rows) == n
 
 
-def test_sigkill_mid_run_leaves_whole_chunks_and_the_next_run_finishes(settings, processes):
+def test_sigkill_mid_run_leaves_whole_chunks_and_the_next_run_finishes(
+    settings: Settings, processes: Processes
+) -> None:
     n, chunk = 20_000, 100
     ids = insert_rows(settings, [[6.7, 3.1, 4.4, 1.4]] * n)
     env = env_for(settings, CHUNK_SIZE=chunk, THREADS=1)
@@ -121,7 +133,7 @@ def test_sigkill_mid_run_leaves_whole_chunks_and_the_next_run_finishes(settings,
     assert len(predictions(settings)) == n
 
 
-def test_loop_mode_waits_an_interval_then_repeats(settings, processes):
+def test_loop_mode_waits_an_interval_then_repeats(settings: Settings, processes: Processes) -> None:
     ids = insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * 10)
     job = processes.start(["job.py"], env_for(settings, INTERVAL=1), "loop")
     wait_for(lambda: len(predictions(settings)) == 10, what="the first run")
@@ -134,7 +146,7 @@ def test_loop_mode_waits_an_interval_then_repeats(settings, processes):
     assert logs[0]["message"] == "waiting for the first batch" and logs[0]["seconds"] == 1
 
 
-def test_once_with_database_unreachable_exits_nonzero(settings):
+def test_once_with_database_unreachable_exits_nonzero(settings: Settings) -> None:
     done = run_job(settings, MYSQL_PORT=free_port())  # nothing listens there
     assert done.returncode == 1
     failure = messages(done.stdout)[-1]
@@ -142,7 +154,9 @@ def test_once_with_database_unreachable_exits_nonzero(settings):
     assert "Can't connect" in failure["error"]
 
 
-def test_loop_mode_with_database_unreachable_logs_and_retries(settings, processes):
+def test_loop_mode_with_database_unreachable_logs_and_retries(
+    settings: Settings, processes: Processes
+) -> None:
     job = processes.start(
         ["job.py"], env_for(settings, MYSQL_PORT=free_port(), INTERVAL=0.2), "loop"
     )
@@ -153,7 +167,9 @@ def test_loop_mode_with_database_unreachable_logs_and_retries(settings, processe
     assert job.poll() is None  # still running, will retry
 
 
-def test_database_stopped_health_503_and_job_fails(private_mysql, processes):
+def test_database_stopped_health_503_and_job_fails(
+    private_mysql: tuple[Settings, subprocess.Popen[bytes]], processes: Processes
+) -> None:
     settings, server = private_mysql
     api = start_api(processes, settings)
     assert http("POST", api + "/data", {"values": [5.1, 3.5, 1.4, 0.2]})[0] == 201
@@ -176,7 +192,7 @@ def test_database_stopped_health_503_and_job_fails(private_mysql, processes):
 # Transient database errors and rows that cannot be scored.
 
 
-def test_unscorable_rows_are_quarantined_and_never_retried(api, settings):
+def test_unscorable_rows_are_quarantined_and_never_retried(api: str, settings: Settings) -> None:
     good = insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * 10)
     # Rows another writer put there, bypassing the API's checks (the column only demands JSON).
     bad_values = ["[1, 2, 3]", '"abc"', '{"a": 1}', "[1, 2, 3, 1e39]", "[1, 2, 3, null]",
@@ -203,7 +219,7 @@ def test_unscorable_rows_are_quarantined_and_never_retried(api, settings):
     assert len(http("GET", api + "/data/all")[1]) == len(good) + len(bad)
 
 
-def hold_gap_lock(settings):
+def hold_gap_lock(settings: Settings) -> Connection:
     """A second connection whose locking read (REPEATABLE READ) holds the gap every predicted
     row's index entry goes into: the job's write-back waits for it, as behind any long
     transaction of another client."""
@@ -215,7 +231,7 @@ def hold_gap_lock(settings):
     return conn
 
 
-def waiting_job_connection(settings, killed=()) -> int:
+def waiting_job_connection(settings: Settings, killed: Sequence[int] = ()) -> int:
     """The connection id of the job's transaction waiting for a lock, once there is one (not
     one of those already killed, which may linger for a moment)."""
     # While the gap lock is held every write-back waits, so a write-back in progress is one.
@@ -224,24 +240,24 @@ def waiting_job_connection(settings, killed=()) -> int:
         " WHERE DB = %s AND INFO LIKE 'INSERT INTO items (id, `values`, prediction)%%'"
     )
 
-    def waiting():
+    def waiting() -> list[int]:
         ids = [r[0] for r in query(settings, sql, (settings.mysql_database,))]
         return [i for i in ids if i not in killed]
 
     return wait_for(waiting, what="the job to wait for a lock")[0]
 
 
-def retries(job) -> list[dict]:
+def retries(job: Process) -> list[dict[str, Any]]:
     return [m for m in log_lines(job) if m["message"] == "chunk failed; retrying"]
 
 
-def finished_exactly_once(job, settings, n: int) -> None:
+def finished_exactly_once(job: Process, settings: Settings, n: int) -> None:
     assert job.wait(timeout=120) == 0, read_log(job)
     assert [m for m in log_lines(job) if m["message"] == "batch end"][0]["rows"] == n
     assert len(predictions(settings)) == n
 
 
-def test_lock_wait_timeout_is_retried(settings, processes):
+def test_lock_wait_timeout_is_retried(settings: Settings, processes: Processes) -> None:
     n = 30
     insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * n)
     holder = hold_gap_lock(settings)
@@ -253,7 +269,7 @@ def test_lock_wait_timeout_is_retried(settings, processes):
     assert "1205" in retries(job)[0]["error"]
 
 
-def test_deadlock_victim_chunk_is_retried(settings, processes):
+def test_deadlock_victim_chunk_is_retried(settings: Settings, processes: Processes) -> None:
     n = 30
     ids = insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * n)
     query(settings, "CREATE TABLE ballast (n INT)")
@@ -272,7 +288,7 @@ def test_deadlock_victim_chunk_is_retried(settings, processes):
     assert "1213" in retries(job)[0]["error"]
 
 
-def test_killed_connection_is_retried(settings, processes):
+def test_killed_connection_is_retried(settings: Settings, processes: Processes) -> None:
     n = 30
     insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * n)
     holder = hold_gap_lock(settings)
@@ -284,13 +300,13 @@ def test_killed_connection_is_retried(settings, processes):
     assert any(code in retries(job)[0]["error"] for code in ("2013", "1927", "2006"))
 
 
-def test_retries_are_bounded(settings, processes):
+def test_retries_are_bounded(settings: Settings, processes: Processes) -> None:
     insert_rows(settings, [[5.1, 3.5, 1.4, 0.2]] * 10)
     holder = hold_gap_lock(settings)
     env = env_for(settings, CHUNK_SIZE=10, THREADS=1)
     job = processes.start(["job.py", "--once"], env, "job")
     try:
-        killed = []
+        killed: list[int] = []
         for _ in range(CHUNK_ATTEMPTS):  # every attempt is killed
             killed.append(waiting_job_connection(settings, killed))
             query(settings, "KILL %s", (killed[-1],))

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -53,17 +54,18 @@ K8S_ONLY_PORTS = {"mysql": "MYSQL_PORT"}
 
 
 @pytest.fixture(scope="module")
-def objects() -> list[dict]:
+def objects() -> list[dict[str, Any]]:
     done = subprocess.run(
         [sys.executable, str(CHECK), str(CHAPTER)], capture_output=True, text=True
     )
     assert done.returncode == 0, f"{CHECK.name} failed:\n{done.stderr}"
-    return json.loads(done.stdout)
+    listed: list[dict[str, Any]] = json.loads(done.stdout)
+    return listed
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict:
-    services = yaml.safe_load((CHAPTER / "compose.yaml").read_text())["services"]
+def compose() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load((CHAPTER / "compose.yaml").read_text())["services"]
     # The monitoring profile is compose's own; a cluster has its own monitoring.
     return {name: s for name, s in services.items() if "monitoring" not in s.get("profiles", [])}
 
@@ -72,11 +74,12 @@ def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
-def pod(workload: dict) -> dict:
+def pod(workload: dict[str, Any]) -> dict[str, Any]:
     spec = workload["spec"]
     if workload["kind"] == "CronJob":
         spec = spec["jobTemplate"]["spec"]
-    return spec["template"]["spec"]
+    template: dict[str, Any] = spec["template"]["spec"]
+    return template
 
 
 def role_pod(objects: list[dict], role: str) -> dict:
@@ -84,10 +87,11 @@ def role_pod(objects: list[dict], role: str) -> dict:
     return pod(by_kind(objects, kind)[name])
 
 
-def container_env(container: dict, objects: list[dict]) -> dict[str, str | dict]:
+# Any: a value is a str, or a dict for a Secret's reference (YAML, checked by each test).
+def container_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, Any]:
     """Every variable: ConfigMap values, literal values, and a Secret's reference as a dict."""
     configmaps = by_kind(objects, "ConfigMap")
-    env = {}
+    env: dict[str, Any] = {}
     for source in container.get("envFrom", []):
         env.update(configmaps[source["configMapRef"]["name"]]["data"])
     for item in container.get("env", []):
@@ -95,7 +99,14 @@ def container_env(container: dict, objects: list[dict]) -> dict[str, str | dict]
     return env
 
 
-def compose_value(value) -> str | None:
+def found(pattern: str, text: str) -> str:
+    """The first group of pattern's first match in text; a test fails if there is none."""
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not found"
+    return match[1]
+
+
+def compose_value(value: object) -> str | None:
     """compose's value as the container sees it: `${X:-d}` is d; `${X:?...}` (required from the
     shell: a password) is None."""
     value = str(value)
@@ -104,7 +115,7 @@ def compose_value(value) -> str | None:
     return None if value.startswith("${") else value
 
 
-def test_every_compose_role_is_here(objects, compose):
+def test_every_compose_role_is_here(objects: list[dict[str, Any]], compose: dict[str, Any]) -> None:
     assert set(compose) == set(ROLES)
     for kind, name in ROLES.values():
         assert name in by_kind(objects, kind), f"{kind}/{name}"
@@ -120,7 +131,9 @@ def test_every_compose_role_is_here(objects, compose):
     assert pdb["spec"]["minAvailable"] < api["spec"]["replicas"], "a drain can proceed"
 
 
-def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
+def test_same_images_commands_ports_env_and_health_as_compose(
+    objects: list[dict[str, Any]], compose: dict[str, Any]
+) -> None:
     app_env = compose["api"]["environment"]
     for role, service in compose.items():
         spec = role_pod(objects, role)
@@ -150,17 +163,19 @@ def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
                 assert env[key] == value, f"{role}: {key}"
 
 
-def test_probes_are_compose_healthchecks(objects, compose):
+def test_probes_are_compose_healthchecks(
+    objects: list[dict[str, Any]], compose: dict[str, Any]
+) -> None:
     """Readiness is compose's healthcheck: the same path, or the same command. The API's liveness
     is elsewhere on purpose: a path that needs neither the database nor the API key."""
     api = compose["api"]["healthcheck"]["test"]
-    path = re.search(r"http://127\.0\.0\.1:\d+(/[\w/.-]*)", " ".join(api))[1]
+    path = found(r"http://127\.0\.0\.1:\d+(/[\w/.-]*)", " ".join(api))
     (container,) = role_pod(objects, "api")["containers"]
     assert container["readinessProbe"]["httpGet"] == {"path": path, "port": "http"}
     liveness = container["livenessProbe"]["httpGet"]
     assert liveness["port"] == "http" and liveness["path"] != path
     # Open without API_KEY (api.py's RequireApiKey.OPEN), and not the database check.
-    open_paths = re.search(r"OPEN = \{([^}]*)\}", (CHAPTER / "api.py").read_text())[1]
+    open_paths = found(r"OPEN = \{([^}]*)\}", (CHAPTER / "api.py").read_text())
     assert f'"{liveness["path"]}"' in open_paths
     routes = re.findall(r'Route\("([^"]+)", (\w+)', (CHAPTER / "api.py").read_text())
     assert (liveness["path"], "openapi") in routes
@@ -179,12 +194,14 @@ def test_probes_are_compose_healthchecks(objects, compose):
     assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(container)
 
 
-def test_models_reach_the_app_at_compose_path(objects, compose):
+def test_models_reach_the_app_at_compose_path(
+    objects: list[dict[str, Any]], compose: dict[str, Any]
+) -> None:
     """compose mounts ../models at /models read-only; here the iris-model ConfigMap that the
     `kubectl create configmap` of kustomization.yaml makes (run client side), at the same path,
     holding the files MODEL_FILEPATH and LABEL_FILEPATH name."""
     comment = (K8S / "kustomization.yaml").read_text()
-    files = re.search(r"create configmap iris-model \\\n#\s+(.*)\n", comment)[1].split()
+    files = found(r"create configmap iris-model \\\n#\s+(.*)\n", comment).split()
     done = subprocess.run(
         [str(KUBECTL), "create", "configmap", "iris-model", *files, "--dry-run=client"]
         + ["-o", "json"],
@@ -210,10 +227,14 @@ def test_models_reach_the_app_at_compose_path(objects, compose):
             assert path.parent == Path("/models") and path.name in keys, f"{role}: {variable}"
 
 
-def test_the_cronjob_runs_the_job_as_compose_loop_mode_did(objects, compose):
+def test_the_cronjob_runs_the_job_as_compose_loop_mode_did(
+    objects: list[dict[str, Any]], compose: dict[str, Any]
+) -> None:
     cron = by_kind(objects, "CronJob")["predict"]["spec"]
     # Every INTERVAL seconds (compose's default), in whole minutes as cron counts.
-    interval = int(compose_value(compose["job"]["environment"]["INTERVAL"]))
+    given = compose_value(compose["job"]["environment"]["INTERVAL"])
+    assert given is not None, "compose sets INTERVAL's default"
+    interval = int(given)
     assert interval % 60 == 0
     minutes = interval // 60
     assert cron["schedule"] == ("* * * * *" if minutes == 1 else f"*/{minutes} * * * *")
@@ -227,7 +248,9 @@ def test_the_cronjob_runs_the_job_as_compose_loop_mode_did(objects, compose):
     assert pod(by_kind(objects, "CronJob")["predict"])["restartPolicy"] == "Never"
 
 
-def test_the_backfill_is_the_same_job_indexed_and_never_scheduled(objects):
+def test_the_backfill_is_the_same_job_indexed_and_never_scheduled(
+    objects: list[dict[str, Any]],
+) -> None:
     crons = by_kind(objects, "CronJob")
     backfill = crons["backfill"]
     assert backfill["spec"]["suspend"] is True, "started by hand: kubectl create job --from"
@@ -242,7 +265,9 @@ def test_the_backfill_is_the_same_job_indexed_and_never_scheduled(objects):
     assert pod(backfill)["volumes"] == pod(crons["predict"])["volumes"]
 
 
-def test_mysql_keeps_its_data_on_a_claim_and_is_reached_by_name(objects, compose):
+def test_mysql_keeps_its_data_on_a_claim_and_is_reached_by_name(
+    objects: list[dict[str, Any]], compose: dict[str, Any]
+) -> None:
     mysql = by_kind(objects, "StatefulSet")["mysql"]
     spec = pod(mysql)
     (container,) = spec["containers"]
@@ -262,7 +287,9 @@ def test_mysql_keeps_its_data_on_a_claim_and_is_reached_by_name(objects, compose
         assert mysql_env[key] == app_env[key], key
 
 
-def test_schema_sql_is_the_chapters_and_runs_at_the_first_start(objects):
+def test_schema_sql_is_the_chapters_and_runs_at_the_first_start(
+    objects: list[dict[str, Any]],
+) -> None:
     """kustomize reads only k8s/, so it holds a copy: byte for byte ../schema.sql, mounted where
     the official image runs init scripts."""
     assert (K8S / "schema.sql").read_bytes() == (CHAPTER / "schema.sql").read_bytes()
@@ -274,12 +301,14 @@ def test_schema_sql_is_the_chapters_and_runs_at_the_first_start(objects):
     assert data == {"schema.sql": (CHAPTER / "schema.sql").read_text()}
 
 
-def test_the_secrets_the_pods_read_are_the_ones_the_comment_creates(objects):
+def test_the_secrets_the_pods_read_are_the_ones_the_comment_creates(
+    objects: list[dict[str, Any]],
+) -> None:
     """Every secretKeyRef names a Secret and key that kustomization.yaml's commands create."""
     comment = (K8S / "kustomization.yaml").read_text()
-    refs = set()
+    refs: set[tuple[str, str]] = set()
 
-    def walk(value) -> None:
+    def walk(value: object) -> None:
         if isinstance(value, dict):
             if "secretKeyRef" in value:
                 refs.add((value["secretKeyRef"]["name"], value["secretKeyRef"]["key"]))
@@ -299,13 +328,13 @@ def test_the_secrets_the_pods_read_are_the_ones_the_comment_creates(objects):
         (env_file,) = re.findall(
             rf"create secret generic {name} .*?--from-env-file=(\S+)", comment, re.S
         )
-        written = re.search(
+        written = found(
             rf"printf '([^']*)'[^>]*> {re.escape(env_file.replace('$HOME', '~'))}\)", comment
         )
-        assert f"{key}=%s" in written[1], (name, key)
+        assert f"{key}=%s" in written, (name, key)
 
 
-def test_scraped_where_metrics_are_served(objects):
+def test_scraped_where_metrics_are_served(objects: list[dict[str, Any]]) -> None:
     """The API is scraped on its own port where api.py routes /metrics. The job is not: with
     --once it serves no metrics (the process is gone before a scrape), nor does MySQL."""
     source = (CHAPTER / "api.py").read_text()

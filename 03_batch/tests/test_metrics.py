@@ -6,8 +6,18 @@ import time
 import urllib.request
 
 import db
-from config import METRICS_QUERY_TIMEOUT_S
-from conftest import env_for, free_port, http, insert_rows, log_lines, query, start_api, wait_for
+from config import METRICS_QUERY_TIMEOUT_S, Settings
+from conftest import (
+    Processes,
+    env_for,
+    free_port,
+    http,
+    insert_rows,
+    log_lines,
+    query,
+    start_api,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from test_job import hold_gap_lock
 
@@ -38,15 +48,22 @@ def moved(before: dict, after: dict, name: str) -> dict[frozenset, float]:
     }
 
 
-def value(samples: dict, name: str, **labels: str) -> float | None:
+def value(samples: dict[tuple, float], name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
+
+
+def present(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    """A sample's value; the test fails if the scrape does not have it."""
+    found = value(samples, name, **labels)
+    assert found is not None, (name, labels)
+    return found
 
 
 def labels(**items: str) -> frozenset:
     return frozenset(items.items())
 
 
-def test_http_counters_move_by_exactly_the_requests_sent(api):
+def test_http_counters_move_by_exactly_the_requests_sent(api: str) -> None:
     before = scrape(api)
     ids = [http("POST", api + "/data", {"values": SETOSA})[1]["id"] for _ in range(3)]
     assert http("POST", api + "/data/list", {"items": [{"values": SETOSA}] * 4})[0] == 201
@@ -82,7 +99,7 @@ def test_http_counters_move_by_exactly_the_requests_sent(api):
     assert not any("987654" in r or "123" in r for r in routes if r), routes
 
 
-def test_metrics_need_the_api_key_when_it_is_set(processes, settings):
+def test_metrics_need_the_api_key_when_it_is_set(processes: Processes, settings: Settings) -> None:
     url = start_api(processes, settings, API_KEY="s3cret")
     status, body = http("GET", url + "/metrics")
     assert (status, body) == (401, {"detail": "missing or wrong API key"})
@@ -90,7 +107,9 @@ def test_metrics_need_the_api_key_when_it_is_set(processes, settings):
     assert value(samples, "http_requests_total", method="GET", route="/metrics", status="401") == 1
 
 
-def test_table_gauges_and_job_counters_follow_a_run(api, settings, processes):
+def test_table_gauges_and_job_counters_follow_a_run(
+    api: str, settings: Settings, processes: Processes
+) -> None:
     good = 23
     assert http("POST", api + "/data/list", {"items": [{"values": SETOSA}] * good})[0] == 201
     # Rows another writer stored: two the model cannot score, and one an hour old.
@@ -102,7 +121,7 @@ def test_table_gauges_and_job_counters_follow_a_run(api, settings, processes):
     )
     samples = scrape(api)
     assert value(samples, "batch_rows_unpredicted") == good + 2
-    assert 3600 <= value(samples, "batch_oldest_unpredicted_age_seconds") < 3600 + 60
+    assert 3600 <= present(samples, "batch_oldest_unpredicted_age_seconds") < 3600 + 60
 
     port = free_port()
     started = time.time()
@@ -110,12 +129,12 @@ def test_table_gauges_and_job_counters_follow_a_run(api, settings, processes):
     job = processes.start(["job.py"], env, "loop")
     job_url = f"http://127.0.0.1:{port}"
 
-    def job_samples():
+    def job_samples() -> dict[tuple, float]:  # empty until the first successful run
         try:
             s = scrape(job_url)
         except OSError:
-            return None
-        return s if value(s, "batch_last_success_timestamp_seconds") else None
+            return {}
+        return s if value(s, "batch_last_success_timestamp_seconds") else {}
 
     samples = wait_for(job_samples, what="the loop job's first successful run")
     assert job.poll() is None
@@ -127,8 +146,8 @@ def test_table_gauges_and_job_counters_follow_a_run(api, settings, processes):
     assert value(samples, "batch_chunk_duration_seconds_count") == len(chunks)
     assert value(samples, "batch_chunk_duration_seconds_bucket", le="+Inf") == len(chunks)
     assert value(samples, "batch_runs_total", result="failure") == 0
-    assert value(samples, "batch_runs_total", result="success") >= 1
-    assert started <= value(samples, "batch_last_success_timestamp_seconds") <= time.time()
+    assert present(samples, "batch_runs_total", result="success") >= 1
+    assert started <= present(samples, "batch_last_success_timestamp_seconds") <= time.time()
     assert not [k for k in samples if k[0] == "batch_chunk_retries_total"]
 
     samples = scrape(api)
@@ -136,7 +155,7 @@ def test_table_gauges_and_job_counters_follow_a_run(api, settings, processes):
     assert value(samples, "batch_oldest_unpredicted_age_seconds") == 0
 
 
-def test_a_retried_chunk_is_counted_by_its_reason(settings, processes):
+def test_a_retried_chunk_is_counted_by_its_reason(settings: Settings, processes: Processes) -> None:
     n = 30
     insert_rows(settings, [SETOSA] * n)
     holder = hold_gap_lock(settings)  # the job's first write-back waits LOCK_WAIT_S, then 1205
@@ -145,7 +164,7 @@ def test_a_retried_chunk_is_counted_by_its_reason(settings, processes):
     job = processes.start(["job.py"], env, "loop")
     job_url = f"http://127.0.0.1:{port}"
 
-    def retried():
+    def retried() -> float | None:
         try:
             s = scrape(job_url)
         except OSError:
@@ -155,10 +174,12 @@ def test_a_retried_chunk_is_counted_by_its_reason(settings, processes):
     wait_for(retried, timeout=60, what="a retry counted")
     holder.rollback()
     holder.close()
-    samples = wait_for(
-        lambda: (s := scrape(job_url)) and value(s, "batch_rows_predicted_total") == n and s,
-        what=f"{n} rows predicted",
-    )
+
+    def all_predicted() -> dict[tuple, float]:  # empty until then
+        s = scrape(job_url)
+        return s if value(s, "batch_rows_predicted_total") == n else {}
+
+    samples = wait_for(all_predicted, what=f"{n} rows predicted")
     logged = [m for m in log_lines(job) if m["message"] == "chunk failed; retrying"]
     assert all("1205" in m["error"] for m in logged)
     assert moved({}, samples, "batch_chunk_retries_total") == {
@@ -166,7 +187,9 @@ def test_a_retried_chunk_is_counted_by_its_reason(settings, processes):
     }
 
 
-def test_a_locked_table_cannot_hold_a_scrape(api, settings, processes):
+def test_a_locked_table_cannot_hold_a_scrape(
+    api: str, settings: Settings, processes: Processes
+) -> None:
     locker = db.connect(settings)
     try:
         with locker.cursor() as cur:

@@ -7,22 +7,26 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
-from conftest import env_for, free_port, http
+from config import Settings
+from conftest import Processes, env_for, free_port, http
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 ROWS = 1_000
 
+T = TypeVar("T")
 pytestmark = pytest.mark.skipif(
     not PROMETHEUS.exists(), reason="/usr/bin/prometheus missing: apt-get install prometheus"
 )
 
 
 @contextmanager
-def prometheus(targets: dict[str, str], directory: Path):
+def prometheus(targets: dict[str, str], directory: Path) -> Iterator[str]:
     """Prometheus on a free loopback port, scraping each job's host:port every second, with a
     data directory of its own; always stopped."""
     config = {
@@ -58,23 +62,25 @@ def prometheus(targets: dict[str, str], directory: Path):
             server.wait()
 
 
-def ready(url: str, server: subprocess.Popen) -> bool:
+def ready(url: str, server: subprocess.Popen[bytes]) -> bool:
     assert server.poll() is None, "Prometheus exited: see prometheus.log in the test's tmp_path"
     try:
         with urllib.request.urlopen(url + "/-/ready", timeout=2) as response:
-            return response.status == 200
+            ok: bool = response.status == 200
+            return ok
     except OSError:
         return False
 
 
-def query(url: str, promql: str) -> list[dict]:
+def query(url: str, promql: str) -> list[dict[str, Any]]:
     """The result vector of an instant query: [{"metric": {...}, "value": [t, "v"]}, ...]."""
     with urllib.request.urlopen(
         f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}", timeout=10
     ) as response:
         answer = json.loads(response.read())
     assert answer["status"] == "success", answer
-    return answer["data"]["result"]
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
 
 
 def scalar(url: str, promql: str) -> float | None:
@@ -83,7 +89,7 @@ def scalar(url: str, promql: str) -> float | None:
     return float(result[0]["value"][1]) if len(result) == 1 else None
 
 
-def until(condition, timeout: float = 60, what: str = "condition"):
+def until(condition: Callable[[], T], timeout: float = 60, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
@@ -91,7 +97,9 @@ def until(condition, timeout: float = 60, what: str = "condition"):
     return value
 
 
-def test_prometheus_sees_the_waiting_rows_drain(api, settings, processes, tmp_path):
+def test_prometheus_sees_the_waiting_rows_drain(
+    api: str, settings: Settings, processes: Processes, tmp_path: Path
+) -> None:
     job_port = free_port()
     targets = {"api": api.removeprefix("http://"), "job": f"127.0.0.1:{job_port}"}
     with prometheus(targets, tmp_path) as prom:
