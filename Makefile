@@ -37,7 +37,7 @@ lint: setup typecheck
 
 # One mypy run per chapter, that chapter as the root (chapters reuse module names); settings in
 # pyproject.toml. TYPED lists the chapters that pass; the others join as they are annotated.
-TYPED ?= 01_synchronous 04_horizontal 05_sync_async
+TYPED ?= 01_synchronous 03_batch 04_horizontal 05_sync_async
 typecheck: setup
 	@failed=(); for c in $(TYPED); do \
 		echo "=== mypy $$c"; (cd $$c && ../$(PY) -m mypy --config-file ../pyproject.toml .) || failed+=($$c); \
