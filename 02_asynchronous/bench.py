@@ -94,7 +94,7 @@ def drain(r: redis.Redis, proxy_url: str, env: dict, workers: int) -> dict:
                 break
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
-    ids = r.zrange("jobs:recent", 0, -1)
+    ids = [str(i) for i in r.zrange("jobs:recent", 0, -1)]  # str already: decode_responses
     statuses = r.mget([f"job:{i}:status" for i in ids])
     done = sum(s == "completed" for s in statuses)
     return {"workers": workers, "jobs": len(ids), "completed": done, "jobs_s": done / elapsed}

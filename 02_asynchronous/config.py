@@ -78,9 +78,7 @@ class Settings:
             api_key=env("API_KEY") or None,
             log_level=env("LOG_LEVEL", "INFO").upper(),
             metrics_port=int(env("METRICS_PORT", "8001")),
-            metrics_dir=Path(env("PROMETHEUS_MULTIPROC_DIR"))
-            if env("PROMETHEUS_MULTIPROC_DIR")
-            else None,
+            metrics_dir=Path(directory) if (directory := env("PROMETHEUS_MULTIPROC_DIR")) else None,
             metrics=env("METRICS", "1") != "0",
         )
 

@@ -330,7 +330,14 @@ class JobStore:
                 self.recent,
                 self.key(job_id, "submitted"),
             ]
-            args = [job_id, data, self.ttl, priority, self.max_queue, self.max_recent]
+            args: list[str | int] = [
+                job_id,
+                data,
+                self.ttl,
+                priority,
+                self.max_queue,
+                self.max_recent,
+            ]
             done = await self._submit(keys=keys, args=args)
             if done == 1:
                 return job_id
@@ -344,8 +351,9 @@ class JobStore:
         )
         if status is None:
             return None
-        job = {"job_id": job_id, "status": status}
+        job: dict[str, Any] = {"job_id": job_id, "status": status}
         if status == JobStatus.COMPLETED:
+            assert result is not None  # FINISH sets the result with the status, the same TTL
             job["result"] = json.loads(result)
         elif status == JobStatus.FAILED:
             job["error"] = error
@@ -358,7 +366,8 @@ class JobStore:
             self.queue,
             self.key(job_id, "submitted"),
         ]
-        return await self._cancel(keys=keys, args=[job_id, self.ttl])
+        status: str | None = await self._cancel(keys=keys, args=[job_id, self.ttl])
+        return status
 
     async def recent_jobs(self, offset: int, limit: int) -> tuple[int, list[dict]]:
         """Newest first. Ids whose keys have expired are left out."""
@@ -391,7 +400,13 @@ class JobStore:
 
     async def claim(self, batch_size: int, block: float) -> Batch:
         """Wait up to `block` seconds for a job; return up to batch_size (id, data) pairs."""
-        first = await self.redis.blmove(self.queue, self.processing, block, "RIGHT", "LEFT")
+        first = await self.redis.blmove(
+            self.queue,
+            self.processing,
+            block,  # type: ignore[arg-type]  # Redis >= 6 takes fractional seconds; the hint: int
+            "RIGHT",
+            "LEFT",
+        )
         if first is None:
             return Batch()
         token = secrets.token_hex(8)  # this claim's, and nobody else's
@@ -423,8 +438,10 @@ class JobStore:
         for job_id in job_ids:
             args += [job_id, self.tokens.pop(job_id, "")]
         keys = [self.queue, self.processing, self.claimed, self.holder, self.attempts]
-        return await self._requeue(keys=keys, args=args)
+        given_back: int = await self._requeue(keys=keys, args=args)
+        return given_back
 
     async def reap(self, visibility_timeout: float) -> int:
         keys = [self.queue, self.processing, self.claimed, self.holder, self.attempts]
-        return await self._reap(keys=keys, args=[int(visibility_timeout * 1000), self.ttl])
+        reaped: int = await self._reap(keys=keys, args=[int(visibility_timeout * 1000), self.ttl])
+        return reaped

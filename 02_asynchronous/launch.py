@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,10 +33,11 @@ def redis_url(db: int) -> str:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def http(method: str, url: str, body=None, timeout: float = 10) -> tuple[int, dict]:
+def http(method: str, url: str, body: object = None, timeout: float = 10) -> tuple[int, dict]:
     """(status, JSON body) for any status code."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
@@ -47,7 +49,7 @@ def http(method: str, url: str, body=None, timeout: float = 10) -> tuple[int, di
         return e.code, json.loads(e.read() or b"null")
 
 
-def ready(proc: "Process", check, timeout: float, what: str) -> "Process":
+def ready(proc: "Process", check: Callable[[], bool], timeout: float, what: str) -> "Process":
     """Return proc once check() is true. If it exits or times out: stop it, raise with its log."""
     deadline = time.monotonic() + timeout
     try:
@@ -77,6 +79,7 @@ class Process:
             args, cwd=HERE, env=full_env, stdin=subprocess.PIPE, stdout=fd, stderr=fd
         )
         os.close(fd)
+        assert self.popen.stdin is not None  # stdin=PIPE
         self.popen.stdin.write(stdin.encode())  # e.g. a secret that must not be in argv
         self.popen.stdin.close()
         self.pid = self.popen.pid

@@ -7,10 +7,12 @@ one atomic step and returns; a worker (worker.py) does the inference in the back
 GET /metrics: Prometheus text, with the queue's length read from Redis at each scrape.
 """
 
+import asyncio
 import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -53,6 +55,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("proxy")
@@ -176,7 +179,7 @@ SCHEMAS = SchemaGenerator(
 class Metrics:
     """The proxy's metrics, in a registry of the app's own (so one process can hold several)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "http_requests_total",
@@ -207,19 +210,20 @@ class HttpMetrics:
     """Pure ASGI middleware: counts and times every request by its route's template
     (`/job/{job_id}`, never the id itself); a path no route matches is "unmatched"."""
 
-    def __init__(self, app, metrics: Metrics, routes: list[Route]):
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[Route]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
 
-    def route(self, scope) -> str:
+    def route(self, scope: Scope) -> str:
         for route in self.routes:
             match, _ = route.matches(scope)
             if match is not Match.NONE:  # PARTIAL: the path's route, another method (405)
                 return route.path
         return "unmatched"
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         started, status, counted = time.perf_counter(), 500, False  # 500: failed before answering
         method = scope["method"] if scope["method"] in METHODS else "other"
 
@@ -230,7 +234,7 @@ class HttpMetrics:
                 self.metrics.requests.labels(method, route, str(status)).inc()
                 self.metrics.duration.labels(method, route).observe(time.perf_counter() - started)
 
-        async def send_counted(message) -> None:
+        async def send_counted(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -244,9 +248,9 @@ class HttpMetrics:
             count()
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # One pool for the whole app. Short timeouts and a single retry (for a connection that
         # went stale while Redis restarted): when Redis is down or hangs we answer 503 within
         # about 2 s. The retry is safe for SUBMIT too: it finds its own job (jobs.py).
@@ -296,7 +300,7 @@ def create_app(settings: Settings) -> Starlette:
         max_body_size=1 << 20,  # 1,000 rows of 4 numbers fit many times over
     )
     app.state.metrics = measured = Metrics()
-    served = RequireApiKey(app, settings.api_key) if settings.api_key else app
+    served: ASGIApp = RequireApiKey(app, settings.api_key) if settings.api_key else app
     if not settings.metrics:  # METRICS=0: without the middleware, to measure what it costs
         return served
     return HttpMetrics(served, measured, routes)  # outermost: a 401 is counted too
@@ -305,11 +309,11 @@ def create_app(settings: Settings) -> Starlette:
 class RequireApiKey:
     """ASGI wrapper: every path but OPEN_PATHS needs `Authorization: Bearer <API_KEY>`."""
 
-    def __init__(self, app: Starlette, key: str):
+    def __init__(self, app: ASGIApp, key: str) -> None:
         self.app = app
         self.expected = f"Bearer {key}".encode()
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time: no timing hints
@@ -346,7 +350,9 @@ class BoundedHttpTools(HttpToolsProtocol):
         if self._header_bytes > MAX_HEADER_BYTES:
             raise ValueError("headers too large")  # httptools turns it into a parser error: 400
 
-    def connection_made(self, transport) -> None:
+    def connection_made(  # type: ignore[override]  # uvicorn's own narrowing of asyncio's type
+        self, transport: asyncio.Transport
+    ) -> None:
         super().connection_made(transport)
         self._start_clock()
 
@@ -592,15 +598,16 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(measured.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
-async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only (create_app)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
-async def invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
+async def invalid_input(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
-async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+async def queue_full(request: Request, exc: Exception) -> JSONResponse:
     log.warning("queue full, submit refused", extra={"error": str(exc)})
     return JSONResponse(
         {"detail": f"{exc}; try again later"},
@@ -615,7 +622,7 @@ async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "redis unavailable"}, status_code=503)
 
 
-async def no_free_id(request: Request, exc: IdCollision) -> JSONResponse:
+async def no_free_id(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"{exc}; try again"}, status_code=503)
 
 

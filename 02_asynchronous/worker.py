@@ -23,7 +23,11 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
+from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 import uvloop
@@ -106,7 +110,7 @@ class SupervisorMetrics:
 
     restarts = 0
 
-    def collect(self):
+    def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(
             "worker_restarts_total", "Worker processes found dead and replaced", self.restarts
         )
@@ -343,7 +347,7 @@ def run_supervised(settings: Settings, supervisor: int) -> None:
     uvloop.run(serve(settings, WorkerMetrics(registry=None)))  # counted in files, served above
 
 
-def serve_metrics(settings: Settings, directory: Path):
+def serve_metrics(settings: Settings, directory: Path) -> tuple[SupervisorMetrics, WSGIServer]:
     """One scrape target for all NUM_WORKERS processes: their files added up, plus restarts."""
     # Files of an earlier run (a restarted container keeps its directory) would add old counts.
     directory.mkdir(parents=True, exist_ok=True)
@@ -368,7 +372,7 @@ def supervise(settings: Settings) -> None:
     directory = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="02-worker-metrics-"))
     own, server = serve_metrics(settings, directory)
 
-    def start() -> multiprocessing.Process:
+    def start() -> SpawnProcess:
         proc = ctx.Process(target=run_supervised, args=(settings, os.getpid()))
         proc.start()
         return proc
@@ -377,11 +381,11 @@ def supervise(settings: Settings) -> None:
         for proc in procs:
             # exitcode is None: not reaped yet, so the pid is still this child's and not some
             # other process's that reused it. (A zombie takes the signal harmlessly.)
-            if proc.exitcode is None:
+            if proc.exitcode is None and proc.pid is not None:  # a pid: started
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signum)
 
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
         forward(signum)
@@ -414,7 +418,8 @@ def supervise(settings: Settings) -> None:
         shutil.rmtree(directory, ignore_errors=True)
     # A worker that got the SIGTERM before it had set its handler (still starting) stopped as
     # asked, too.
-    codes = [abs(proc.exitcode) for proc in procs if proc.exitcode != -signal.SIGTERM]
+    exits = [proc.exitcode for proc in procs]  # none is None: all joined
+    codes = [abs(code) for code in exits if code is not None and code != -signal.SIGTERM]
     sys.exit(max(codes, default=0))
 
 

@@ -6,6 +6,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +14,7 @@ import redis
 from launch import (
     LOCAL_SERVING,
     MODELS,
+    Process,
     free_port,
     http,
     redis_url,
@@ -24,11 +26,15 @@ from launch import (
 from prometheus_client.parser import text_string_to_metric_families
 
 REDIS_URL = redis_url(db=2)
+# What the session fixtures yield: TensorFlow Serving and its (gRPC, REST) ports; Iris rows and
+# their classes.
+TfServing = tuple[Process, tuple[int, int]]
+Iris = tuple[list[list[float]], list[int]]
 FINAL = ("completed", "failed", "cancelled")
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> redis.Redis:
+def redis_server() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
         client.ping()
@@ -51,7 +57,7 @@ def db(redis_server: redis.Redis) -> redis.Redis:
 
 
 @pytest.fixture(scope="session")
-def tf_serving():
+def tf_serving() -> Iterator[TfServing]:
     if not LOCAL_SERVING.exists():
         pytest.skip(f"{LOCAL_SERVING} (chapter 01) is missing")
     ports = free_port(), free_port()
@@ -63,38 +69,38 @@ def tf_serving():
 class Processes:
     """Starts this chapter's processes; the fixture stops every one of them, pass or fail."""
 
-    def __init__(self):
-        self.started = []
+    def __init__(self) -> None:
+        self.started: list[Process] = []
 
-    def _keep(self, proc):
+    def _keep(self, proc: Process) -> Process:
         self.started.append(proc)
         return proc
 
-    def proxy(self, env: dict):
+    def proxy(self, env: dict) -> Process:
         return self._keep(start_proxy(env))
 
-    def worker(self, env: dict):
+    def worker(self, env: dict) -> Process:
         return self._keep(start_worker(env))
 
-    def tf_serving(self, grpc_port: int, rest_port: int):
+    def tf_serving(self, grpc_port: int, rest_port: int) -> Process:
         return self._keep(start_tf_serving(grpc_port, rest_port))
 
-    def redis(self, port: int, password: str = ""):
+    def redis(self, port: int, password: str = "") -> Process:
         return self._keep(start_redis(port, password))
 
-    def close(self):
+    def close(self) -> None:
         for proc in reversed(self.started):
             proc.close()
 
 
 @pytest.fixture
-def procs():
+def procs() -> Iterator[Processes]:
     processes = Processes()
     yield processes
     processes.close()
 
 
-def make_env(grpc_port: int = 1, rest_port: int = 1, **overrides) -> dict:
+def make_env(grpc_port: int = 1, rest_port: int = 1, **overrides: object) -> dict:
     """Environment for proxy and workers; port 1 stands for 'no TensorFlow Serving'."""
     env = {
         "REDIS_URL": REDIS_URL,
@@ -110,7 +116,7 @@ def make_env(grpc_port: int = 1, rest_port: int = 1, **overrides) -> dict:
 
 
 @pytest.fixture
-def env(db, tf_serving) -> dict:
+def env(db: redis.Redis, tf_serving: TfServing) -> dict:
     """Settings of a proxy and workers talking to the session's TensorFlow Serving."""
     _, (grpc_port, rest_port) = tf_serving
     return make_env(grpc_port, rest_port)
@@ -124,7 +130,7 @@ def submit_many(env: dict, bodies: list[dict], threads: int = 25) -> list[str]:
     def submit(body: dict) -> str:
         status, answer = http("POST", f"{base_url(env)}/predict", body)
         assert status == 202, answer
-        return answer["job_id"]
+        return str(answer["job_id"])
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(submit, bodies))
@@ -148,7 +154,7 @@ def wait_jobs(db: redis.Redis, env: dict, ids: list[str], timeout: float = 90) -
 
 
 @pytest.fixture(scope="session")
-def iris() -> tuple[list[list[float]], list[int]]:
+def iris() -> Iris:
     with open(MODELS / "iris.csv") as f:
         rows = list(csv.DictReader(f))
     features = [[float(r[k]) for k in list(r)[:4]] for r in rows]
@@ -163,7 +169,7 @@ class Relay:
     commands still reach Redis, but nothing comes back: a Redis that hangs.
     """
 
-    def __init__(self, target: str = REDIS_URL):
+    def __init__(self, target: str = REDIS_URL) -> None:
         parts = urllib.parse.urlsplit(target)
         self.target = (parts.hostname, parts.port or 6379)
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -203,7 +209,7 @@ class Relay:
 
 
 @pytest.fixture
-def relay(db):
+def relay(db: redis.Redis) -> Iterator[Relay]:
     proxy = Relay()
     yield proxy
     proxy.close()

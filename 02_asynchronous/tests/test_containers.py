@@ -21,9 +21,11 @@ import subprocess
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from launch import MODELS, http
@@ -44,10 +46,11 @@ NOTES: list[str] = []  # what the checks saw: printed at the end of the module's
 
 
 @pytest.fixture(scope="module", autouse=True)
-def print_notes(request):
+def print_notes(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    # Plugins looked up by name: pluggy can only type them as `Any | None`; both always exist.
+    reporter: Any = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture: Any = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():  # else the lines go into the captured output
         for note in NOTES:
             reporter.write_line(f"containers: {note}")
@@ -68,7 +71,10 @@ def proxy_url() -> str:
     return "http://" + compose("port", "proxy", "8000").strip()
 
 
-def until(condition, timeout: float = 120, what: str = "condition"):
+T = TypeVar("T")
+
+
+def until(condition: Callable[[], T | None], timeout: float = 120, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -84,7 +90,8 @@ def inspect(container: str) -> dict:
         pytest.skip("needs the docker CLI to find the containers' host pids")
     out = subprocess.run([docker, "inspect", container], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)[0]
+    state: dict = json.loads(out.stdout)[0]
+    return state
 
 
 def workers() -> list[str]:
@@ -131,7 +138,8 @@ def submit_all(url: str, rows: list[list[float]]) -> list[str]:
     def submit(row: list[float]) -> str:
         status, body = http("POST", url + "/predict", {"data": [row]}, timeout=30)
         assert status == 202, body
-        return body["job_id"]
+        job_id: str = body["job_id"]
+        return job_id
 
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(submit, rows))
@@ -195,7 +203,7 @@ def answers(transcript: str) -> list[str]:
     return lines
 
 
-def test_the_walkthrough_gives_the_readme_answers():
+def test_the_walkthrough_gives_the_readme_answers() -> None:
     done = subprocess.run(
         ["bash", str(CHAPTER / "demo.sh")],
         env={**os.environ, "PROXY_URL": proxy_url()},
@@ -220,7 +228,7 @@ def test_the_walkthrough_gives_the_readme_answers():
 # -- the monitoring profile ---------------------------------------------------------------------
 
 
-def test_the_monitoring_profile_scrapes_every_role():
+def test_the_monitoring_profile_scrapes_every_role() -> None:
     # chapter.sh starts the stack without profiles: this starts the profile's one service.
     monitoring = ("--profile", "monitoring")
     compose(*monitoring, "up", "-d", "--wait", "--pull", "never", "prometheus")
@@ -231,7 +239,8 @@ def test_the_monitoring_profile_scrapes_every_role():
             with urllib.request.urlopen(f"{base}/api/v1/{path}", timeout=10) as response:
                 body = json.loads(response.read())
             assert body["status"] == "success", body
-            return body["data"]
+            data: dict = body["data"]
+            return data
 
         def targets() -> list[dict] | None:
             try:
@@ -258,7 +267,7 @@ def test_the_monitoring_profile_scrapes_every_role():
 # -- four workers, one SIGKILLed holding a batch -----------------------------------------------
 
 
-def test_four_workers_one_killed_mid_run_every_job_completes_once(iris):
+def test_four_workers_one_killed_mid_run_every_job_completes_once(iris: list[list[float]]) -> None:
     url = proxy_url()
     reference = reference_classes(url, iris)
     scale_workers(4)
@@ -313,7 +322,7 @@ def test_four_workers_one_killed_mid_run_every_job_completes_once(iris):
         # many it stored; the workers log that count ("stored") after every batch. The killed
         # worker stored nothing of the batch it held; the sum over every worker is one per job.
         entries = worker_log(since)
-        stored = Counter()
+        stored: Counter[str] = Counter()
         for container, e in entries:
             if e["message"] == "batch done":
                 stored[container] += e["stored"]
@@ -339,7 +348,7 @@ def test_four_workers_one_killed_mid_run_every_job_completes_once(iris):
 # -- Redis restarted with jobs queued ----------------------------------------------------------
 
 
-def test_redis_restart_keeps_queued_jobs(iris):
+def test_redis_restart_keeps_queued_jobs(iris: list[list[float]]) -> None:
     url = proxy_url()
     reference = reference_classes(url, iris)
     compose("stop", "worker")  # the jobs stay queued

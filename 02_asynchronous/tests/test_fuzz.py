@@ -7,21 +7,26 @@ The number of requests sent is printed at the end (run with -s to see it).
 
 from collections import Counter
 
+import redis
 import schemathesis
-from conftest import base_url
+from conftest import Processes, base_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
+from schemathesis import Case, GenerationMode
+from schemathesis.core.result import Ok
 
 MAX_EXAMPLES = 100  # per operation; a GET without parameters stops after one
 
 
-def test_the_proxy_answers_as_documented(db, procs, env):
+def test_the_proxy_answers_as_documented(db: redis.Redis, procs: Processes, env: dict) -> None:
     procs.proxy(env)
     schema = schemathesis.openapi.from_url(base_url(env) + "/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result  # the proxy's own schema must be valid
+        operations.append(result.ok())
     assert len(operations) == 7
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for operation in operations:
         cases = st.one_of(
             operation.as_strategy(GenerationMode.POSITIVE),
@@ -35,7 +40,7 @@ def test_the_proxy_answers_as_documented(db, procs, env):
             suppress_health_check=list(HealthCheck),
             database=None,
         )
-        def check(case):
+        def check(case: Case) -> None:
             counts[case.operation.label] += 1
             case.call_and_validate(timeout=30)
 

@@ -3,10 +3,15 @@
 import asyncio
 import json
 import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
+import redis
 from conftest import REDIS_URL
 from jobs import (
+    Batch,
+    Finished,
     IdCollision,
     InvalidInput,
     JobStatus,
@@ -21,10 +26,13 @@ ROW = [5.1, 3.5, 1.4, 0.2]
 DAY = 86400
 
 
-def run(scenario, **store_options):
+T = TypeVar("T")
+
+
+def run(scenario: Callable[[JobStore], Awaitable[T]], **store_options: Any) -> T:
     """Run `scenario(store)` on a fresh asyncio client: each test is one asyncio.run."""
 
-    async def main():
+    async def main() -> T:
         redis = Redis.from_url(REDIS_URL, decode_responses=True)
         try:
             return await scenario(JobStore(redis, **store_options))
@@ -32,6 +40,18 @@ def run(scenario, **store_options):
             await redis.aclose()
 
     return asyncio.run(main())
+
+
+def stored_json(db: redis.Redis, key: str) -> Any:
+    value = db.get(key)
+    assert value is not None, key
+    return json.loads(value)
+
+
+async def status_of(store: JobStore, job_id: str) -> str:
+    job = await store.get(job_id)
+    assert job is not None, job_id
+    return str(job["status"])
 
 
 @pytest.mark.parametrize(
@@ -53,17 +73,17 @@ def run(scenario, **store_options):
         ([[1, 2, float("inf"), 4]], "in (0, 10)"),
     ],
 )
-def test_invalid_rows_are_refused_with_the_problem_named(data, message):
+def test_invalid_rows_are_refused_with_the_problem_named(data: Any, message: str) -> None:
     with pytest.raises(InvalidInput, match=re.escape(message)):
         validate_rows(data)
 
 
-def test_valid_rows_become_floats():
+def test_valid_rows_become_floats() -> None:
     assert validate_rows([[5, 3.5, 1.4, 0.2]] * 1000)[0] == [5.0, 3.5, 1.4, 0.2]
 
 
-def test_every_job_key_expires_within_a_day(db):
-    async def scenario(store):
+def test_every_job_key_expires_within_a_day(db: redis.Redis) -> None:
+    async def scenario(store: JobStore) -> tuple[str, str]:
         done = await store.submit([ROW])
         failed = await store.submit([ROW])
         claimed = await store.claim(batch_size=10, block=1)
@@ -79,28 +99,28 @@ def test_every_job_key_expires_within_a_day(db):
     assert {k for k in db.keys("job:*")} == set(keys) - {"jobs:recent"}
 
 
-def test_an_id_collision_cannot_overwrite_a_job(db):
+def test_an_id_collision_cannot_overwrite_a_job(db: redis.Redis) -> None:
     ids = iter(["abc", "abc", "def"])
 
-    async def scenario(store):
+    async def scenario(store: JobStore) -> tuple[str, str]:
         first = await store.submit([ROW])
         second = await store.submit([[6.0, 3.0, 4.8, 1.8]])  # draws "abc" again, then "def"
         return first, second
 
     assert run(scenario, new_id=lambda: next(ids)) == ("abc", "def")
-    assert json.loads(db.get("job:abc:data")) == [ROW]
+    assert stored_json(db, "job:abc:data") == [ROW]
 
-    async def always_taken(store):
+    async def always_taken(store: JobStore) -> None:
         await store.submit([[6.0, 3.0, 4.8, 1.8]])
 
     with pytest.raises(IdCollision):
         run(always_taken, new_id=lambda: "abc")
-    assert json.loads(db.get("job:abc:data")) == [ROW]
+    assert stored_json(db, "job:abc:data") == [ROW]
     assert db.lrange("queue:predict", 0, -1) == ["def", "abc"]
 
 
-def test_high_priority_jobs_are_taken_before_normal_ones(db):
-    async def scenario(store):
+def test_high_priority_jobs_are_taken_before_normal_ones(db: redis.Redis) -> None:
+    async def scenario(store: JobStore) -> tuple[list[str], str, list[str]]:
         normal = [await store.submit([ROW]) for _ in range(3)]
         high = await store.submit([ROW], priority="high")
         claimed = [job_id for job_id, _ in await store.claim(batch_size=10, block=1)]
@@ -110,8 +130,10 @@ def test_high_priority_jobs_are_taken_before_normal_ones(db):
     assert claimed == [high, *normal]
 
 
-def test_cancel_only_pending_jobs(db):
-    async def scenario(store):
+def test_cancel_only_pending_jobs(db: redis.Redis) -> None:
+    async def scenario(
+        store: JobStore,
+    ) -> tuple[str, str, str | None, str | None, str | None, str | None, dict | None]:
         taken, pending = await store.submit([ROW]), await store.submit([ROW])
         await store.claim(batch_size=1, block=1)  # takes the oldest, `taken`
         return (
@@ -132,13 +154,13 @@ def test_cancel_only_pending_jobs(db):
     assert 0 < db.ttl(f"job:{pending}:status") <= DAY
 
 
-def test_requeued_jobs_go_back_to_the_head_in_order(db):
-    async def scenario(store):
+def test_requeued_jobs_go_back_to_the_head_in_order(db: redis.Redis) -> None:
+    async def scenario(store: JobStore) -> tuple[list[str], list[str], list[str]]:
         a, b, c = [await store.submit([ROW]) for _ in range(3)]
         held = [job_id for job_id, _ in await store.claim(batch_size=2, block=1)]
         assert held == [a, b]
         assert await store.requeue(held) == 2
-        statuses = [(await store.get(i))["status"] for i in (a, b, c)]
+        statuses = [await status_of(store, i) for i in (a, b, c)]
         again = [job_id for job_id, _ in await store.claim(batch_size=3, block=1)]
         return [a, b, c], statuses, again
 
@@ -147,14 +169,14 @@ def test_requeued_jobs_go_back_to_the_head_in_order(db):
     assert again == ids
 
 
-def test_reaper_returns_jobs_held_past_the_visibility_timeout(db):
-    async def scenario(store):
+def test_reaper_returns_jobs_held_past_the_visibility_timeout(db: redis.Redis) -> None:
+    async def scenario(store: JobStore) -> tuple[str, str, list[Finished]]:
         job_id = await store.submit([ROW])
         await store.claim(batch_size=1, block=1)  # ... and the worker dies
         assert await store.reap(visibility_timeout=60) == 0
         await asyncio.sleep(0.05)
         assert await store.reap(visibility_timeout=0.01) == 1
-        status = (await store.get(job_id))["status"]
+        status = await status_of(store, job_id)
         # The dead worker's late answer is not stored: the job is someone else's now.
         late = await store.finish([(job_id, JobStatus.COMPLETED, "[]")])
         return job_id, status, late
@@ -166,10 +188,10 @@ def test_reaper_returns_jobs_held_past_the_visibility_timeout(db):
     assert db.zcard("queue:predict:claimed") == 0
 
 
-def test_a_job_claimed_without_a_claim_time_is_reaped_too(db):
+def test_a_job_claimed_without_a_claim_time_is_reaped_too(db: redis.Redis) -> None:
     """A worker that dies between BLMOVE and the CLAIM script leaves no claim time behind."""
 
-    async def scenario(store):
+    async def scenario(store: JobStore) -> str:
         job_id = await store.submit([ROW])
         await store.redis.lmove("queue:predict", "queue:predict:processing", "RIGHT", "LEFT")
         assert await store.reap(visibility_timeout=0.01) == 0  # first seen: clock starts
@@ -181,9 +203,11 @@ def test_a_job_claimed_without_a_claim_time_is_reaped_too(db):
     assert db.lrange("queue:predict", 0, -1) == [job_id]
 
 
-def test_recent_jobs_newest_first_paginated(db):
-    async def scenario(store):
-        ids = []
+def test_recent_jobs_newest_first_paginated(db: redis.Redis) -> None:
+    async def scenario(
+        store: JobStore,
+    ) -> tuple[list[str], tuple[int, list[dict]], tuple[int, list[dict]]]:
+        ids: list[str] = []
         for _ in range(5):
             ids.append(await store.submit([ROW]))
             await asyncio.sleep(0.002)  # distinct millisecond scores
@@ -196,15 +220,17 @@ def test_recent_jobs_newest_first_paginated(db):
     assert first[0]["status"] == "pending"
 
 
-def test_ids_are_short_and_distinct():
+def test_ids_are_short_and_distinct() -> None:
     ids = [new_job_id() for _ in range(10000)]
     assert len(set(ids)) == len(ids) and all(len(i) == 10 for i in ids)
 
 
-def test_a_stale_worker_cannot_finish_or_give_back_a_job_it_lost(db):
+def test_a_stale_worker_cannot_finish_or_give_back_a_job_it_lost(db: redis.Redis) -> None:
     """Worker A stalls past the visibility timeout; the reaper hands its job to worker B."""
 
-    async def scenario(a):
+    async def scenario(
+        a: JobStore,
+    ) -> tuple[str, list[Finished], int, tuple[str, int], list[Finished], dict | None]:
         b = JobStore(a.redis)  # another worker: its own store, its own claims
         job_id = await a.submit([ROW])
         await a.claim(batch_size=1, block=1)
@@ -214,7 +240,7 @@ def test_a_stale_worker_cannot_finish_or_give_back_a_job_it_lost(db):
         # A wakes up: neither its failure nor its give-back may touch B's job.
         stale_finish = await a.finish([(job_id, JobStatus.FAILED, "stale")])
         stale_requeue = await a.requeue([job_id])
-        during = (await a.get(job_id))["status"], await a.redis.llen("queue:predict")
+        during = await status_of(a, job_id), await a.redis.llen("queue:predict")
         held = await b.finish([(job_id, JobStatus.COMPLETED, "[]")])
         return job_id, stale_finish, stale_requeue, during, held, await a.get(job_id)
 
@@ -227,10 +253,12 @@ def test_a_stale_worker_cannot_finish_or_give_back_a_job_it_lost(db):
     assert db.hlen("queue:predict:holder") == db.hlen("queue:predict:attempts") == 0
 
 
-def test_a_worker_that_stalled_before_its_claim_script_does_not_take_the_job(db):
+def test_a_worker_that_stalled_before_its_claim_script_does_not_take_the_job(
+    db: redis.Redis,
+) -> None:
     """BLMOVE, then a stall past the visibility timeout, then the CLAIM script: too late."""
 
-    async def scenario(a):
+    async def scenario(a: JobStore) -> tuple[str, object, list[Finished]]:
         b = JobStore(a.redis)
         job_id = await a.submit([ROW])
         await a.redis.lmove("queue:predict", "queue:predict:processing", "RIGHT", "LEFT")
@@ -249,10 +277,10 @@ def test_a_worker_that_stalled_before_its_claim_script_does_not_take_the_job(db)
     assert db.get(f"job:{job_id}:status") == "completed"
 
 
-def test_requeue_and_claim_keep_the_data_alive(db):
+def test_requeue_and_claim_keep_the_data_alive(db: redis.Redis) -> None:
     """A job that waits longer than its TTL in all, but never that long in one place."""
 
-    async def scenario(store):
+    async def scenario(store: JobStore) -> tuple[str, Batch]:
         job_id = await store.submit([ROW])
         await asyncio.sleep(1.2)
         await store.claim(batch_size=1, block=1)
@@ -267,8 +295,8 @@ def test_requeue_and_claim_keep_the_data_alive(db):
     assert db.ttl(f"job:{job_id}:submitted") == 2
 
 
-def test_a_job_whose_data_expired_fails_with_a_reason(db):
-    async def scenario(store):
+def test_a_job_whose_data_expired_fails_with_a_reason(db: redis.Redis) -> None:
+    async def scenario(store: JobStore) -> tuple[str, Batch, dict | None]:
         job_id = await store.submit([ROW])
         await store.redis.delete(f"job:{job_id}:data")  # as if its TTL had run out in the queue
         return job_id, await store.claim(batch_size=1, block=1), await store.get(job_id)
@@ -284,8 +312,8 @@ def test_a_job_whose_data_expired_fails_with_a_reason(db):
     assert 0 < db.ttl(f"job:{job_id}:status") <= DAY
 
 
-def test_a_job_whose_workers_keep_dying_fails_after_max_claims(db):
-    async def scenario(store):
+def test_a_job_whose_workers_keep_dying_fails_after_max_claims(db: redis.Redis) -> None:
+    async def scenario(store: JobStore) -> tuple[str, Batch, dict | None]:
         job_id = await store.submit([ROW])
         for _ in range(2):  # claimed, its worker dies, reaped: twice
             assert len(await store.claim(batch_size=1, block=1)) == 1
@@ -301,14 +329,15 @@ def test_a_job_whose_workers_keep_dying_fails_after_max_claims(db):
 
     job_id, batch, job = run(scenario, max_claims=3)
     assert batch == [] and batch.given_up == 1  # a final status: the worker counts it failed
+    assert job is not None
     assert job["status"] == "failed"
     assert job["error"] == "given up: 3 workers died or hung while holding it"
     assert db.llen("queue:predict") == db.llen("queue:predict:processing") == 0
     assert db.hlen("queue:predict:attempts") == 0
 
 
-def test_a_full_queue_refuses_new_jobs(db):
-    async def scenario(store):
+def test_a_full_queue_refuses_new_jobs(db: redis.Redis) -> None:
+    async def scenario(store: JobStore) -> list[str]:
         ids = [await store.submit([ROW]) for _ in range(2)]
         with pytest.raises(QueueFull):
             await store.submit([ROW], priority="high")
@@ -321,9 +350,9 @@ def test_a_full_queue_refuses_new_jobs(db):
     assert len(db.keys("job:*:data")) == 3
 
 
-def test_recent_jobs_keep_only_the_newest(db):
-    async def scenario(store):
-        ids = []
+def test_recent_jobs_keep_only_the_newest(db: redis.Redis) -> None:
+    async def scenario(store: JobStore) -> list[str]:
+        ids: list[str] = []
         for _ in range(5):
             ids.append(await store.submit([ROW]))
             await asyncio.sleep(0.002)

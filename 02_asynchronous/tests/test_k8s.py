@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -52,7 +53,8 @@ def objects() -> list[dict]:
         [sys.executable, str(CHECK), str(CHAPTER)], capture_output=True, text=True
     )
     assert done.returncode == 0, f"{CHECK.name} failed:\n{done.stderr}"
-    return json.loads(done.stdout)
+    rendered: list[dict] = json.loads(done.stdout)
+    return rendered
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +77,16 @@ def workloads(objects: list[dict]) -> dict[str, dict]:
 
 
 def pod(objects: list[dict], role: str) -> dict:
-    return workloads(objects)[k8s_name(role)]["spec"]["template"]["spec"]
+    spec: dict = workloads(objects)[k8s_name(role)]["spec"]["template"]["spec"]
+    return spec
 
 
-def env_of(objects: list[dict], role: str) -> dict[str, str | dict]:
-    """Every variable: ConfigMap values, literal values, and a Secret's reference as a dict."""
+def env_of(objects: list[dict], role: str) -> dict[str, Any]:
+    """Every variable: ConfigMap values, literal values, and a Secret's reference as a dict
+    (parsed YAML: a str or a dict, as the key says)."""
     (container,) = pod(objects, role)["containers"]
     configmaps = by_kind(objects, "ConfigMap")
-    env = {}
+    env: dict[str, Any] = {}
     for source in container.get("envFrom", []):
         env.update(configmaps[source["configMapRef"]["name"]]["data"])
     for item in container.get("env", []):
@@ -90,8 +94,14 @@ def env_of(objects: list[dict], role: str) -> dict[str, str | dict]:
     return env
 
 
+def found(pattern: str, text: str, flags: int = 0) -> re.Match[str]:
+    match = re.search(pattern, text, flags)
+    assert match is not None, f"{pattern!r} not found"
+    return match
+
+
 def source_constant(path: str, pattern: str) -> str:
-    return re.search(pattern, (CHAPTER / path).read_text(), re.M)[1]
+    return found(pattern, (CHAPTER / path).read_text(), re.M)[1]
 
 
 def setting(compose: dict, role: str, variable: str) -> str:
@@ -102,14 +112,16 @@ def setting(compose: dict, role: str, variable: str) -> str:
     return source_constant("config.py", rf'env\("{variable}", "(.*?)"\)')
 
 
-def test_every_compose_service_is_a_workload(objects, compose):
+def test_every_compose_service_is_a_workload(objects: list[dict], compose: dict) -> None:
     assert set(workloads(objects)) == {k8s_name(role) for role in compose}
     assert set(by_kind(objects, "StatefulSet")) == {"redis"}
     # Everyone but the worker is called by someone; the worker calls, and is called by none.
     assert set(by_kind(objects, "Service")) == {k8s_name(r) for r in compose} - {"worker"}
 
 
-def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
+def test_same_images_commands_ports_env_and_health_as_compose(
+    objects: list[dict], compose: dict
+) -> None:
     for role, service in compose.items():
         (container,) = pod(objects, role)["containers"]
         assert container["image"] == service["image"], role
@@ -125,7 +137,9 @@ def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
         wanted = [int(p.rsplit(":", 1)[1]) for p in service.get("ports", [])]
         for owner, variable in K8S_ONLY_PORTS.get(role, []):
             value = setting(compose, owner, variable)
-            wanted.append(urlsplit(value).port if "://" in value else int(value))
+            extra = urlsplit(value).port if "://" in value else int(value)
+            assert extra is not None, f"{owner} {variable}={value}: no port"
+            wanted.append(extra)
         assert ports == sorted(wanted), role
         env = env_of(objects, role)
         environment = service.get("environment", {})
@@ -142,12 +156,12 @@ def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
         test, probe = service["healthcheck"]["test"], container["readinessProbe"]
         joined = " ".join(test)
         if "/dev/tcp/" in joined:  # bash's /dev/tcp/127.0.0.1/<port>, then GET <path>
-            port, path = re.search(r"/dev/tcp/127\.0\.0\.1/(\d+) .*GET (\S+) HTTP", joined).groups()
+            port, path = found(r"/dev/tcp/127\.0\.0\.1/(\d+) .*GET (\S+) HTTP", joined).groups()
             named = {p["name"]: p["containerPort"] for p in container["ports"]}
             assert named[probe["httpGet"]["port"]] == int(port), role
             assert probe["httpGet"]["path"] == path, role
         elif "httpGet" in probe:
-            path = re.search(r"http://127\.0\.0\.1:\d+(/[\w/.-]*)", joined)[1]
+            path = found(r"http://127\.0\.0\.1:\d+(/[\w/.-]*)", joined)[1]
             assert probe["httpGet"] == {"path": path, "port": "http"}, role
         elif test[0] == "CMD-SHELL":
             assert probe["exec"]["command"] == ["sh", "-c", test[1]], role
@@ -155,7 +169,9 @@ def test_same_images_commands_ports_env_and_health_as_compose(objects, compose):
             assert probe["exec"]["command"] == test[1:], role
 
 
-def test_every_service_reaches_its_pods_by_the_names_the_callers_use(objects, compose):
+def test_every_service_reaches_its_pods_by_the_names_the_callers_use(
+    objects: list[dict], compose: dict
+) -> None:
     env = env_of(objects, "worker")
     services = by_kind(objects, "Service")
     tf = services[env["TF_SERVING_HOST"]]
@@ -168,10 +184,11 @@ def test_every_service_reaches_its_pods_by_the_names_the_callers_use(objects, co
 
 
 def pod_labels(objects: list[dict], role: str) -> dict:
-    return workloads(objects)[k8s_name(role)]["spec"]["template"]["metadata"]["labels"]
+    labels: dict = workloads(objects)[k8s_name(role)]["spec"]["template"]["metadata"]["labels"]
+    return labels
 
 
-def test_models_reach_each_role_at_compose_paths(objects, compose):
+def test_models_reach_each_role_at_compose_paths(objects: list[dict], compose: dict) -> None:
     """compose mounts ../models (the labels) and ../models/iris (the SavedModel) read-only; here
     ConfigMaps, mounted read-only at the same paths."""
     configmaps = by_kind(objects, "ConfigMap")
@@ -200,14 +217,14 @@ def test_models_reach_each_role_at_compose_paths(objects, compose):
                 assert all(Path(i["path"]).name == i["key"] for i in configmap["items"]), role
 
 
-def test_the_labels_copy_is_the_models(objects):
+def test_the_labels_copy_is_the_models(objects: list[dict]) -> None:
     """kustomize reads only k8s/, so it holds a copy: byte for byte ../models/label.json."""
     assert (K8S / "label.json").read_bytes() == (ROOT / "models" / "label.json").read_bytes()
     (labels,) = [o for o in objects if o["kind"] == "ConfigMap" and "label.json" in o["data"]]
     assert labels["data"]["label.json"] == (ROOT / "models" / "label.json").read_text()
 
 
-def test_keda_scales_the_worker_on_the_queue_and_the_claims(objects):
+def test_keda_scales_the_worker_on_the_queue_and_the_claims(objects: list[dict]) -> None:
     env = env_of(objects, "worker")
     (scaled,) = by_kind(objects, "ScaledObject").values()
     assert scaled["spec"]["scaleTargetRef"] == {"name": "worker"}
@@ -238,7 +255,7 @@ def test_keda_scales_the_worker_on_the_queue_and_the_claims(objects):
     ]
 
 
-def test_worker_grace_period_outlasts_its_sigterm_drain(objects):
+def test_worker_grace_period_outlasts_its_sigterm_drain(objects: list[dict]) -> None:
     """worker.py on SIGTERM finishes the batch in hand: at worst BLMOVE, CLAIM, REQUEUE and
     FINISH each take the Redis socket timeout, and one Predict its PREDICT_TIMEOUT."""
     env = env_of(objects, "worker")
@@ -254,7 +271,9 @@ def test_worker_grace_period_outlasts_its_sigterm_drain(objects):
     assert grace > drain
 
 
-def test_redis_keeps_its_data_on_a_claim_and_is_reached_by_name(objects, compose):
+def test_redis_keeps_its_data_on_a_claim_and_is_reached_by_name(
+    objects: list[dict], compose: dict
+) -> None:
     redis = by_kind(objects, "StatefulSet")["redis"]
     (container,) = pod(objects, "redis")["containers"]
     script = container["command"][2]
@@ -273,7 +292,7 @@ def test_redis_keeps_its_data_on_a_claim_and_is_reached_by_name(objects, compose
     assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
 
 
-def test_pods_are_scraped_only_where_metrics_are_served(objects, compose):
+def test_pods_are_scraped_only_where_metrics_are_served(objects: list[dict], compose: dict) -> None:
     serves = {
         # The proxy serves them on its own PORT if it has the route; a worker on METRICS_PORT.
         "proxy": 'Route("/metrics"' in (CHAPTER / "proxy.py").read_text() and "PORT",
@@ -291,7 +310,7 @@ def test_pods_are_scraped_only_where_metrics_are_served(objects, compose):
         assert annotations["prometheus.io/port"] == setting(compose, role, variable), role
 
 
-def test_proxy_scales_on_cpu_and_keeps_one_pod_through_a_drain(objects):
+def test_proxy_scales_on_cpu_and_keeps_one_pod_through_a_drain(objects: list[dict]) -> None:
     hpas = by_kind(objects, "HorizontalPodAutoscaler")
     assert set(hpas) == {"proxy"}
     hpa = hpas["proxy"]
@@ -312,11 +331,13 @@ def test_proxy_scales_on_cpu_and_keeps_one_pod_through_a_drain(objects):
     assert pdbs["tensorflow-serving"]["spec"]["minAvailable"] < tf["replicas"]
 
 
-def test_the_kustomization_command_makes_the_model_configmap_the_pod_mounts(objects):
+def test_the_kustomization_command_makes_the_model_configmap_the_pod_mounts(
+    objects: list[dict],
+) -> None:
     """kustomization.yaml's `kubectl create configmap iris-model ...`, run client side only: its
     keys are exactly the items tfserving.yaml mounts, and it fits a ConfigMap."""
     comment = (K8S / "kustomization.yaml").read_text()
-    command = re.search(r"create configmap iris-model \\\n#\s+(.*)\n", comment)[1].split()
+    command = found(r"create configmap iris-model \\\n#\s+(.*)\n", comment)[1].split()
     done = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "kubectl"), "create", "configmap", "iris-model", *command]
         + ["--dry-run=client", "-o", "json"],

@@ -8,15 +8,26 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import pytest
-from conftest import base_url, make_env, metrics_url, scrape, submit_many, wait_jobs
+import redis
+from conftest import (
+    Processes,
+    TfServing,
+    base_url,
+    make_env,
+    metrics_url,
+    scrape,
+    submit_many,
+    wait_jobs,
+)
 from launch import free_port, http
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 
 
-def labels(**pairs) -> tuple:
+def labels(**pairs: str) -> tuple:
     return tuple(sorted(pairs.items()))
 
 
@@ -24,17 +35,17 @@ def status(method: str, url: str) -> int:
     """The status of a request whose answer may not be JSON (Starlette's plain-text 404)."""
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
-            return r.status
+            return int(r.status)
     except urllib.error.HTTPError as e:
         return e.code
 
 
-def requests(metrics: dict, method: str, route: str, code: int) -> float:
+def requests(metrics: dict[tuple, float], method: str, route: str, code: int) -> float:
     key = ("http_requests_total", labels(method=method, route=route, status=str(code)))
     return metrics.get(key, 0)
 
 
-def wait_for(check, timeout: float, what: str) -> None:
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -42,7 +53,7 @@ def wait_for(check, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_the_proxy_counts_each_request_by_route_template(db, procs):
+def test_the_proxy_counts_each_request_by_route_template(db: redis.Redis, procs: Processes) -> None:
     env = make_env()  # no worker and no TensorFlow Serving: the jobs stay queued
     procs.proxy(env)
     base = base_url(env)
@@ -78,7 +89,7 @@ def test_the_proxy_counts_each_request_by_route_template(db, procs):
     assert routes == {"/predict", "/predict/test", "/job/{job_id}", "/jobs", "unmatched"}
 
 
-def test_metrics_need_the_api_key_when_it_is_set(db, procs):
+def test_metrics_need_the_api_key_when_it_is_set(db: redis.Redis, procs: Processes) -> None:
     env = make_env(API_KEY="s3cret")
     procs.proxy(env)
     base = base_url(env)
@@ -91,7 +102,7 @@ def test_metrics_need_the_api_key_when_it_is_set(db, procs):
     assert requests(metrics, "GET", "/jobs", 401) >= 2  # start_proxy's checks, and ours
 
 
-def test_without_redis_the_queue_length_is_absent_not_stale(procs):
+def test_without_redis_the_queue_length_is_absent_not_stale(procs: Processes) -> None:
     port = free_port()
     redis_proc = procs.redis(port)
     env = make_env(REDIS_URL=f"redis://127.0.0.1:{port}/0")
@@ -106,7 +117,9 @@ def test_without_redis_the_queue_length_is_absent_not_stale(procs):
     assert ("http_requests_total", labels(method="GET", route="/metrics", status="200")) in metrics
 
 
-def test_the_worker_counts_jobs_by_final_status(db, procs, env):
+def test_the_worker_counts_jobs_by_final_status(
+    db: redis.Redis, procs: Processes, env: dict
+) -> None:
     env = env | {"METRICS_PORT": str(free_port()), "MAX_CLAIMS": "3"}
     procs.proxy(env)
     procs.worker(env)
@@ -138,8 +151,8 @@ def test_the_worker_counts_jobs_by_final_status(db, procs, env):
 
 
 def test_a_sigkilled_worker_s_job_is_counted_once_as_reaped_and_once_completed(
-    db, procs, env, tf_serving
-):
+    db: redis.Redis, procs: Processes, env: dict, tf_serving: TfServing
+) -> None:
     """Both processes of a supervised worker die (one mid-Predict, TensorFlow Serving frozen);
     the supervisor's sum keeps what they counted and the replacements' reapers count the job
     they give back once between them."""

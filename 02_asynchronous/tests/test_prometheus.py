@@ -8,10 +8,12 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import submit_many, wait_jobs
+import redis
+from conftest import Processes, submit_many, wait_jobs
 from launch import free_port
 
 PROMETHEUS = Path("/usr/bin/prometheus")
@@ -43,12 +45,13 @@ class Prometheus:
             stderr=subprocess.STDOUT,
         )
 
-    def api(self, path: str, **params) -> dict:
+    def api(self, path: str, **params: str) -> dict:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
         with urllib.request.urlopen(url, timeout=10) as response:
             body = json.loads(response.read())
         assert body["status"] == "success", body
-        return body["data"]
+        data: dict = body["data"]
+        return data
 
     def query(self, promql: str) -> list[float]:
         return [float(s["value"][1]) for s in self.api("query", query=promql)["result"]]
@@ -60,7 +63,7 @@ class Prometheus:
             return set()  # not listening yet
         return {t["labels"]["job"] for t in active if t["health"] == "up"}
 
-    def wait(self, check, timeout: float, what: str) -> None:
+    def wait(self, check: Callable[[], object], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not check():
             if time.monotonic() > deadline or self.process.poll() is not None:
@@ -82,7 +85,9 @@ class Prometheus:
 @pytest.mark.skipif(
     not PROMETHEUS.exists(), reason=f"{PROMETHEUS} missing: apt-get install prometheus"
 )
-def test_prometheus_sees_a_burst_of_jobs_drain(db, procs, env, tmp_path):
+def test_prometheus_sees_a_burst_of_jobs_drain(
+    db: redis.Redis, procs: Processes, env: dict, tmp_path: Path
+) -> None:
     env = env | {"METRICS_PORT": str(free_port())}
     procs.proxy(env)
     worker = procs.worker(env)

@@ -6,16 +6,18 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
-from conftest import base_url, make_env
+import redis
+from conftest import Processes, Relay, base_url, make_env
 from launch import free_port, http
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 
 
 @pytest.fixture
-def proxy(db, procs) -> str:
+def proxy(db: redis.Redis, procs: Processes) -> str:
     env = make_env()
     procs.proxy(env)
     return base_url(env)
@@ -35,14 +37,16 @@ def proxy(db, procs) -> str:
         ({"data": [ROW], "priority": "urgent"}, "priority"),
     ],
 )
-def test_invalid_input_is_422_and_queues_nothing(db, proxy, body, problem):
+def test_invalid_input_is_422_and_queues_nothing(
+    db: redis.Redis, proxy: str, body: Any, problem: str
+) -> None:
     status, answer = http("POST", f"{proxy}/predict", body)
     assert status == 422
     assert problem in answer["detail"]
     assert db.dbsize() == 0
 
 
-def test_body_that_is_not_json_is_422(db, proxy):
+def test_body_that_is_not_json_is_422(db: redis.Redis, proxy: str) -> None:
     request = urllib.request.Request(f"{proxy}/predict", data=b"{nope", method="POST")
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=5)
@@ -51,7 +55,7 @@ def test_body_that_is_not_json_is_422(db, proxy):
     assert db.dbsize() == 0
 
 
-def test_submit_read_list_and_cancel(db, proxy):
+def test_submit_read_list_and_cancel(db: redis.Redis, proxy: str) -> None:
     status, answer = http("POST", f"{proxy}/predict", {"data": [ROW, ROW]})
     assert status == 202
     job_id = answer["job_id"]
@@ -69,7 +73,7 @@ def test_submit_read_list_and_cancel(db, proxy):
     assert http("GET", f"{proxy}/job/{job_id}")[1]["status"] == "cancelled"
 
 
-def test_cancel_a_started_job_is_409(db, proxy):
+def test_cancel_a_started_job_is_409(db: redis.Redis, proxy: str) -> None:
     job_id = http("POST", f"{proxy}/predict/test")[1]["job_id"]
     db.lmove("queue:predict", "queue:predict:processing", "RIGHT", "LEFT")  # as a worker would
     db.set(f"job:{job_id}:status", "processing")
@@ -77,17 +81,17 @@ def test_cancel_a_started_job_is_409(db, proxy):
     assert status == 409 and "processing" in answer["detail"]
 
 
-def test_unknown_job_is_404(db, proxy):
+def test_unknown_job_is_404(db: redis.Redis, proxy: str) -> None:
     assert http("GET", f"{proxy}/job/nosuchjob") == (404, {"detail": "job nosuchjob not found"})
     assert http("DELETE", f"{proxy}/job/nosuchjob")[0] == 404
 
 
-def test_bad_pagination_is_422(db, proxy):
+def test_bad_pagination_is_422(db: redis.Redis, proxy: str) -> None:
     assert http("GET", f"{proxy}/jobs?limit=0")[0] == 422
     assert http("GET", f"{proxy}/jobs?offset=x")[0] == 422
 
 
-def test_redis_stopped_is_503_quickly_and_recovers(procs):
+def test_redis_stopped_is_503_quickly_and_recovers(procs: Processes) -> None:
     """A private redis-server that the test stops: never the shared one."""
     port = free_port()
     redis_proc = procs.redis(port)
@@ -113,7 +117,7 @@ def test_redis_stopped_is_503_quickly_and_recovers(procs):
     assert http("GET", f"{url}/job/{answer['job_id']}")[1]["status"] == "pending"
 
 
-def test_sigterm_stops_the_proxy(db, procs):
+def test_sigterm_stops_the_proxy(db: redis.Redis, procs: Processes) -> None:
     proc = procs.proxy(make_env())
     proc.signal(signal.SIGTERM)
     # uvicorn shuts down cleanly, then re-raises the signal so the exit status says why.
@@ -121,7 +125,9 @@ def test_sigterm_stops_the_proxy(db, procs):
     assert "Application shutdown complete" in proc.text()
 
 
-def test_a_submit_retried_after_its_answer_was_lost_queues_one_job(db, procs, relay):
+def test_a_submit_retried_after_its_answer_was_lost_queues_one_job(
+    db: redis.Redis, procs: Processes, relay: Relay
+) -> None:
     """Redis ran SUBMIT but its answer was lost: redis-py retries on a new connection. The
     retry must find that job, not queue a second one nor answer 503."""
     env = make_env(REDIS_URL=relay.url)
@@ -136,7 +142,9 @@ def test_a_submit_retried_after_its_answer_was_lost_queues_one_job(db, procs, re
     assert db.zcard("jobs:recent") == 2
 
 
-def test_a_redis_that_hangs_is_503_within_the_bound(db, procs, relay):
+def test_a_redis_that_hangs_is_503_within_the_bound(
+    db: redis.Redis, procs: Processes, relay: Relay
+) -> None:
     """Connections are accepted, nothing is answered: every call still ends in time."""
     env = make_env(REDIS_URL=relay.url)
     proc = procs.proxy(env)
@@ -166,7 +174,7 @@ def test_a_redis_that_hangs_is_503_within_the_bound(db, procs, relay):
     assert http("POST", f"{url}/predict", {"data": [ROW]})[0] == 202
 
 
-def test_a_full_queue_is_429_with_retry_after(db, procs):
+def test_a_full_queue_is_429_with_retry_after(db: redis.Redis, procs: Processes) -> None:
     env = make_env(MAX_QUEUE=2)
     procs.proxy(env)
     url = base_url(env)
@@ -191,7 +199,7 @@ def test_a_full_queue_is_429_with_retry_after(db, procs):
     ],
     ids=["5000-digit integer", "nested 100,000 deep", "bad UTF-8"],
 )
-def test_hostile_json_is_422(db, proxy, body):
+def test_hostile_json_is_422(db: redis.Redis, proxy: str, body: Any) -> None:
     request = urllib.request.Request(f"{proxy}/predict", data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=10)
@@ -203,13 +211,13 @@ def test_hostile_json_is_422(db, proxy, body):
 def request_with(url: str, headers: dict) -> int:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
-            return r.status
+            return int(r.status)
     except urllib.error.HTTPError as e:
         assert e.code != 401 or json.loads(e.read()) == {"detail": "missing or wrong API key"}
         return e.code
 
 
-def test_api_key_guards_every_endpoint_but_health(db, procs):
+def test_api_key_guards_every_endpoint_but_health(db: redis.Redis, procs: Processes) -> None:
     key = "s3cret-key-for-this-test"
     env = make_env(API_KEY=key)
     proc = procs.proxy(env)
@@ -230,7 +238,7 @@ def test_api_key_guards_every_endpoint_but_health(db, procs):
     assert key not in proc.text()
 
 
-def test_openapi_describes_every_route(db, proxy):
+def test_openapi_describes_every_route(db: redis.Redis, proxy: str) -> None:
     status, schema = http("GET", f"{proxy}/openapi.json")
     assert status == 200 and schema["openapi"] == "3.0.3"
     assert set(schema["paths"]) == {
@@ -245,7 +253,7 @@ def test_openapi_describes_every_route(db, proxy):
     assert "429" in schema["paths"]["/predict"]["post"]["responses"]
 
 
-def test_headers_are_bounded_in_size_and_time(db, proxy):
+def test_headers_are_bounded_in_size_and_time(db: redis.Redis, proxy: str) -> None:
     port = int(proxy.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"GET /jobs HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")

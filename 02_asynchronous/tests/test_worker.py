@@ -5,19 +5,22 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 import redis
-from conftest import Processes, base_url, make_env, submit_many, wait_jobs
-from launch import free_port, http
+from conftest import Iris, Processes, TfServing, base_url, make_env, submit_many, wait_jobs
+from launch import Process, free_port, http
 
+T = TypeVar("T")
 SETOSA, VERSICOLOR, VIRGINICA = [5.1, 3.5, 1.4, 0.2], [6.4, 3.2, 4.5, 1.5], [7.7, 3.0, 6.1, 2.3]
 
 
 @pytest.fixture(scope="module")
-def reference(tf_serving, iris, redis_server):
+def reference(tf_serving: TfServing, iris: Iris, redis_server: redis.Redis) -> dict:
     """Every Iris row predicted once, in one job: what every other answer must agree with."""
     redis_server.flushdb()
     procs = Processes()
@@ -32,7 +35,7 @@ def reference(tf_serving, iris, redis_server):
         procs.close()
 
 
-def test_iris_rows_complete_with_the_right_class(reference, iris):
+def test_iris_rows_complete_with_the_right_class(reference: dict, iris: Iris) -> None:
     features, targets = iris
     assert reference["status"] == "completed", reference
     predicted = [row["prediction"] for row in reference["result"]]
@@ -43,7 +46,7 @@ def test_iris_rows_complete_with_the_right_class(reference, iris):
     assert abs(sum(first["probabilities"]) - 1) < 1e-4
 
 
-def test_one_job_per_class(db, procs, env):
+def test_one_job_per_class(db: redis.Redis, procs: Processes, env: dict) -> None:
     procs.proxy(env)
     procs.worker(env)
     ids = submit_many(env, [{"data": [row]} for row in (SETOSA, VERSICOLOR, VIRGINICA)])
@@ -55,7 +58,7 @@ def test_one_job_per_class(db, procs, env):
     ]
 
 
-def assert_matches_reference(jobs, rows, reference):
+def assert_matches_reference(jobs: list[dict], rows: list[int], reference: dict) -> None:
     for job, row in zip(jobs, rows, strict=True):
         assert job["status"] == "completed", job
         assert job["result"][0]["prediction"] == reference["result"][row]["prediction"]
@@ -63,7 +66,9 @@ def assert_matches_reference(jobs, rows, reference):
         assert job["result"][0]["probabilities"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_500_concurrent_jobs_all_complete_correctly(db, procs, env, iris, reference):
+def test_500_concurrent_jobs_all_complete_correctly(
+    db: redis.Redis, procs: Processes, env: dict, iris: Iris, reference: dict
+) -> None:
     procs.proxy(env)
     procs.worker(env)
     procs.worker(env)
@@ -74,7 +79,9 @@ def test_500_concurrent_jobs_all_complete_correctly(db, procs, env, iris, refere
     assert db.llen("queue:predict") == db.llen("queue:predict:processing") == 0
 
 
-def test_sigkill_a_worker_holding_jobs_loses_nothing(db, procs, env, iris, reference, tf_serving):
+def test_sigkill_a_worker_holding_jobs_loses_nothing(
+    db: redis.Redis, procs: Processes, env: dict, iris: Iris, reference: dict, tf_serving: TfServing
+) -> None:
     """Freeze TensorFlow Serving so the worker is caught mid-Predict, kill it, let another
     worker's reaper hand its jobs back after the visibility timeout."""
     tf_proc, _ = tf_serving
@@ -88,7 +95,8 @@ def test_sigkill_a_worker_holding_jobs_loses_nothing(db, procs, env, iris, refer
         deadline = time.monotonic() + 30
         while db.llen("queue:predict:processing") == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        held = db.lrange("queue:predict:processing", 0, -1)
+        # Strings (decode_responses=True); redis-py types every reply as bytes | str.
+        held = [str(i) for i in db.lrange("queue:predict:processing", 0, -1)]
         assert held, "the worker never claimed a batch"
         doomed.signal(signal.SIGKILL)
         doomed.popen.wait(10)
@@ -102,7 +110,7 @@ def test_sigkill_a_worker_holding_jobs_loses_nothing(db, procs, env, iris, refer
     assert db.zcard("queue:predict:claimed") == 0
 
 
-def test_jobs_wait_while_tf_serving_is_down(db, procs):
+def test_jobs_wait_while_tf_serving_is_down(db: redis.Redis, procs: Processes) -> None:
     grpc_port, rest_port = free_port(), free_port()
     tf = procs.tf_serving(grpc_port, rest_port)
     env = make_env(grpc_port, rest_port)
@@ -123,7 +131,9 @@ def test_jobs_wait_while_tf_serving_is_down(db, procs):
     assert {job["result"][0]["class_name"] for job in jobs} == {"virginica"}
 
 
-def test_inference_errors_are_retried_then_failed(db, procs, env):
+def test_inference_errors_are_retried_then_failed(
+    db: redis.Redis, procs: Processes, env: dict
+) -> None:
     procs.proxy(env)
     worker = procs.worker(env | {"MODEL_NAME": "nosuchmodel"})
     job = wait_jobs(db, env, submit_many(env, [{"data": [SETOSA]}]))[0]
@@ -132,7 +142,9 @@ def test_inference_errors_are_retried_then_failed(db, procs, env):
     assert worker.text().count("predict failed, retrying") == 2
 
 
-def test_invalid_data_in_the_queue_fails_that_job_only(db, procs, env):
+def test_invalid_data_in_the_queue_fails_that_job_only(
+    db: redis.Redis, procs: Processes, env: dict
+) -> None:
     """The worker does not trust the queue: anyone with Redis access can push a job."""
     procs.proxy(env)
     procs.worker(env)
@@ -145,7 +157,9 @@ def test_invalid_data_in_the_queue_fails_that_job_only(db, procs, env):
     assert ok["status"] == "completed"
 
 
-def test_sigterm_returns_or_finishes_in_flight_jobs(db, procs, env):
+def test_sigterm_returns_or_finishes_in_flight_jobs(
+    db: redis.Redis, procs: Processes, env: dict
+) -> None:
     procs.proxy(env)
     worker = procs.worker(env)
     ids = submit_many(env, [{"data": [VERSICOLOR]}] * 50)
@@ -157,7 +171,9 @@ def test_sigterm_returns_or_finishes_in_flight_jobs(db, procs, env):
     assert set(statuses) <= {"pending", "completed"}
 
 
-def test_num_workers_processes_share_the_queue_and_stop_together(db, procs, env, reference, iris):
+def test_num_workers_processes_share_the_queue_and_stop_together(
+    db: redis.Redis, procs: Processes, env: dict, reference: dict, iris: Iris
+) -> None:
     procs.proxy(env)
     supervisor = procs.worker(env | {"NUM_WORKERS": "2", "BATCH_SIZE": "4"})
     rows = [i % 150 for i in range(200)]
@@ -174,7 +190,7 @@ def test_num_workers_processes_share_the_queue_and_stop_together(db, procs, env,
     assert supervisor.text().count('"worker stopped"') == 2
 
 
-def test_redis_restart_worker_reconnects(procs, tf_serving):
+def test_redis_restart_worker_reconnects(procs: Processes, tf_serving: TfServing) -> None:
     _, (grpc_port, rest_port) = tf_serving
     port = free_port()
     redis_proc = procs.redis(port)
@@ -191,7 +207,7 @@ def test_redis_restart_worker_reconnects(procs, tf_serving):
     db.close()
 
 
-def test_health_and_metadata(db, procs, env):
+def test_health_and_metadata(db: redis.Redis, procs: Processes, env: dict) -> None:
     procs.proxy(env)
     assert http("GET", f"{base_url(env)}/health") == (
         200,
@@ -205,7 +221,7 @@ def test_health_and_metadata(db, procs, env):
 # --- a worker that stalls, and the worker that took its job over ----------------------------
 
 
-def wait_for(condition, timeout: float, what: str):
+def wait_for(condition: Callable[[], T | None], timeout: float, what: str) -> T:
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         if time.monotonic() > deadline:
@@ -214,12 +230,12 @@ def wait_for(condition, timeout: float, what: str):
     return result
 
 
-def log_lines(proc, message: str) -> list[dict]:
+def log_lines(proc: Process, message: str) -> list[dict]:
     return [json.loads(line) for line in proc.text().splitlines() if f'"{message}"' in line]
 
 
 @pytest.fixture
-def silent_port():
+def silent_port() -> Iterator[socket.socket]:
     """A port that accepts connections (the kernel's backlog) and never answers; closing it
     resets them."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -227,7 +243,9 @@ def silent_port():
     listener.close()
 
 
-def takeover(db, procs, env, tf_serving, stale_env: dict):
+def takeover(
+    db: redis.Redis, procs: Processes, env: dict, tf_serving: TfServing, stale_env: dict
+) -> tuple[Process, Process, str]:
     """Worker A claims a job and is frozen (SIGSTOP) in the middle of its Predict call, which
     hangs: TensorFlow Serving is frozen too (or, with stale_env's TF_SERVING_GRPC_PORT, A talks
     to a port that never answers). Worker B's reaper hands A's job to B after B's visibility
@@ -258,7 +276,9 @@ def takeover(db, procs, env, tf_serving, stale_env: dict):
     return stale, fresh, job_id
 
 
-def wake_all_and_wait(db, env, tf_proc, fresh, job_id: str) -> dict:
+def wake_all_and_wait(
+    db: redis.Redis, env: dict, tf_proc: Process, fresh: Process, job_id: str
+) -> dict:
     """TensorFlow Serving and B back: B (the holder) completes the job, once."""
     tf_proc.signal(signal.SIGCONT)
     fresh.signal(signal.SIGCONT)
@@ -266,7 +286,9 @@ def wake_all_and_wait(db, env, tf_proc, fresh, job_id: str) -> dict:
     return job
 
 
-def test_a_stale_worker_cannot_fail_a_job_another_worker_now_holds(db, procs, env, tf_serving):
+def test_a_stale_worker_cannot_fail_a_job_another_worker_now_holds(
+    db: redis.Redis, procs: Processes, env: dict, tf_serving: TfServing
+) -> None:
     tf_proc, _ = tf_serving
     try:
         stale, fresh, job_id = takeover(
@@ -284,8 +306,12 @@ def test_a_stale_worker_cannot_fail_a_job_another_worker_now_holds(db, procs, en
 
 
 def test_a_stale_worker_cannot_requeue_a_job_another_worker_now_holds(
-    db, procs, env, tf_serving, silent_port
-):
+    db: redis.Redis,
+    procs: Processes,
+    env: dict,
+    tf_serving: TfServing,
+    silent_port: socket.socket,
+) -> None:
     tf_proc, _ = tf_serving
     port = str(silent_port.getsockname()[1])
     try:
@@ -314,7 +340,9 @@ def test_a_stale_worker_cannot_requeue_a_job_another_worker_now_holds(
 # --- jobs that break a worker ----------------------------------------------------------------
 
 
-def test_deeply_nested_job_data_fails_that_job_and_the_worker_lives(db, procs, env):
+def test_deeply_nested_job_data_fails_that_job_and_the_worker_lives(
+    db: redis.Redis, procs: Processes, env: dict
+) -> None:
     procs.proxy(env)
     worker = procs.worker(env)
     db.set("job:nested:data", "[" * 100_000 + "]" * 100_000, ex=60)
@@ -330,7 +358,9 @@ def test_deeply_nested_job_data_fails_that_job_and_the_worker_lives(db, procs, e
     assert worker.popen.poll() is None
 
 
-def test_an_unexpected_error_fails_only_the_job_it_belongs_to(db, procs, env, tmp_path):
+def test_an_unexpected_error_fails_only_the_job_it_belongs_to(
+    db: redis.Redis, procs: Processes, env: dict, tmp_path: Path
+) -> None:
     """A labels file that lacks class 2: describing a virginica raises IndexError. That job
     fails with a reason; the others of its batch complete; the worker goes on."""
     labels = tmp_path / "label.json"
@@ -346,7 +376,7 @@ def test_an_unexpected_error_fails_only_the_job_it_belongs_to(db, procs, env, tm
     assert worker.popen.poll() is None
 
 
-def test_an_answer_with_the_wrong_number_of_rows_is_never_stored():
+def test_an_answer_with_the_wrong_number_of_rows_is_never_stored() -> None:
     from tfserving import InferenceError
     from worker import split_rows
 
@@ -369,12 +399,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def started_pids(proc) -> list[int]:
+def started_pids(proc: Process) -> list[int]:
     """Worker processes in the order they logged; sorted, in the order they were started."""
     return [line["pid"] for line in log_lines(proc, "worker started")]
 
 
-def test_supervisor_replaces_a_dead_worker(db, procs, env):
+def test_supervisor_replaces_a_dead_worker(db: redis.Redis, procs: Processes, env: dict) -> None:
     procs.proxy(env)
     supervisor = procs.worker(env | {"NUM_WORKERS": "2"})
     first, second = sorted(started_pids(supervisor))
@@ -389,7 +419,9 @@ def test_supervisor_replaces_a_dead_worker(db, procs, env):
     assert not any(alive(pid) for pid in started_pids(supervisor))
 
 
-def test_supervisor_stops_after_a_worker_it_already_reaped(db, procs, env):
+def test_supervisor_stops_after_a_worker_it_already_reaped(
+    db: redis.Redis, procs: Processes, env: dict
+) -> None:
     """SIGTERM after one worker has died and been reaped: forwarding it must not fail on the
     dead one and leave the others running."""
     supervisor = procs.worker(env | {"NUM_WORKERS": "2"})
@@ -402,7 +434,9 @@ def test_supervisor_stops_after_a_worker_it_already_reaped(db, procs, env):
     assert not any(alive(pid) for pid in started_pids(supervisor))
 
 
-def test_workers_do_not_outlive_a_killed_supervisor(db, procs, env):
+def test_workers_do_not_outlive_a_killed_supervisor(
+    db: redis.Redis, procs: Processes, env: dict
+) -> None:
     supervisor = procs.worker(env | {"NUM_WORKERS": "2"})
     workers = started_pids(supervisor)
     supervisor.signal(signal.SIGKILL)
@@ -414,7 +448,9 @@ def test_workers_do_not_outlive_a_killed_supervisor(db, procs, env):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_redis_password_from_the_environment_is_used_and_never_shown(procs, tf_serving):
+def test_a_redis_password_from_the_environment_is_used_and_never_shown(
+    procs: Processes, tf_serving: TfServing
+) -> None:
     _, (grpc_port, rest_port) = tf_serving
     port, password = free_port(), "pw-from-the-environment"
     redis_proc = procs.redis(port, password)
