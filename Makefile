@@ -36,10 +36,9 @@ lint: setup typecheck
 	$(PY) -m ruff format --check .
 
 # One mypy run per chapter, that chapter as the root (chapters reuse module names); settings in
-# pyproject.toml. TYPED lists the chapters that pass; the others join as they are annotated.
-TYPED ?= 01_synchronous 03_batch 04_horizontal 05_sync_async
+# pyproject.toml.
 typecheck: setup
-	@failed=(); for c in $(TYPED); do \
+	@failed=(); for c in $(CHAPTERS); do \
 		echo "=== mypy $$c"; (cd $$c && ../$(PY) -m mypy --config-file ../pyproject.toml .) || failed+=($$c); \
 	done; [ $${#failed[@]} -eq 0 ] || { echo "mypy FAILED: $${failed[*]}"; exit 1; }
 
