@@ -119,13 +119,22 @@ def test_prometheus_sees_a_burst_of_jobs_drain(
             30,
             "Prometheus to see every job completed",
         )
-        # Its own scrapes of /metrics keep the rate above 0; the burst arrived whole.
-        assert prometheus.query("sum(rate(http_requests_total[1m])) > 0")
+        # A rate needs two scrapes of a series; its own scrapes of /metrics keep it above 0.
+        prometheus.wait(
+            lambda: prometheus.query("sum(rate(http_requests_total[1m])) > 0"),
+            30,
+            "Prometheus to compute a request rate",
+        )
+        # The burst arrived whole.
         assert prometheus.query('sum(http_requests_total{route="/predict", status="202"})') == [
             BURST
         ]
-        assert prometheus.query(
-            "histogram_quantile(0.5, sum by (le) (rate(job_latency_seconds_bucket[1m]))) > 0"
+        prometheus.wait(
+            lambda: prometheus.query(
+                "histogram_quantile(0.5, sum by (le) (rate(job_latency_seconds_bucket[1m]))) > 0"
+            ),
+            30,
+            "Prometheus to compute a job latency",
         )
     finally:
         prometheus.stop()

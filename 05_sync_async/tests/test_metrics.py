@@ -223,12 +223,20 @@ def test_prometheus_sees_a_burst_of_jobs_drain(
             30,
             "Prometheus to see every job complete",
         )
-        # Its own scrapes of /metrics keep the rate above 0; the burst arrived whole.
-        assert prometheus.query("sum(rate(http_requests_total[1m])) > 0")
+        # A rate needs two scrapes of a series; its own scrapes of /metrics keep it above 0.
+        wait_until(
+            lambda: prometheus.query("sum(rate(http_requests_total[1m])) > 0"),
+            30,
+            "Prometheus to compute a request rate",
+        )
         predicted = 'sum(http_requests_total{route="/predict", status="200"})'
-        assert prometheus.query(predicted) == [burst]
-        assert prometheus.query(
-            "histogram_quantile(0.5, sum by (le) (rate(job_latency_seconds_bucket[1m]))) > 0"
+        assert prometheus.query(predicted) == [burst]  # the burst arrived whole
+        wait_until(
+            lambda: prometheus.query(
+                "histogram_quantile(0.5, sum by (le) (rate(job_latency_seconds_bucket[1m]))) > 0"
+            ),
+            30,
+            "Prometheus to compute a job latency",
         )
     finally:
         prometheus.stop()
