@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,13 @@ def two_versions(
     stop(process)
 
 
+def port_of(client: RestClient) -> int:
+    """The REST port a client talks to: the raw-socket tests below open their own connections."""
+    port = urllib.parse.urlsplit(client.base).port
+    assert port is not None
+    return port
+
+
 def test_serves_the_highest_numbered_version(
     two_versions: tuple[subprocess.Popen[str], RestClient],
 ) -> None:
@@ -57,7 +65,7 @@ def test_connections_past_the_limit_get_503(
     two_versions: tuple[subprocess.Popen[str], RestClient],
 ) -> None:
     _, client = two_versions
-    port = int(client.base.split(":")[2].split("/")[0])
+    port = port_of(client)
     idle = [socket.create_connection(("127.0.0.1", port), timeout=30)]
     try:
         while len(idle) < MAX_CONNECTIONS:
@@ -87,7 +95,7 @@ def test_a_client_dribbling_its_headers_is_cut_off(
 ) -> None:
     # One header byte a second: each byte is activity, but the headers never complete.
     _, client = two_versions
-    port = int(client.base.split(":")[2].split("/")[0])
+    port = port_of(client)
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"GET /v1/models/iris HTTP/1.1\r\nX-Slow: ")
@@ -113,7 +121,7 @@ def test_headers_over_the_size_limit_are_cut_off(
 ) -> None:
     # uvicorn's httptools parser keeps every header byte: 2 MiB of one header must not be kept.
     _, client = two_versions
-    port = int(client.base.split(":")[2].split("/")[0])
+    port = port_of(client)
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         try:
