@@ -225,6 +225,7 @@ class Load:
     p99_ms: float
     aof_bytes_per_submit: float
     server_cpu_us: float  # redis-server's CPU per submit
+    client_cpu_us: float  # this process's CPU per submit (redis-py, the event loop)
     delayed_fsyncs: int  # everysec: writes that waited 2 s for a slow fsync, then went ahead
 
     @property
@@ -257,13 +258,14 @@ async def submit_load(srv: RedisServer, concurrency: int, total: int, cap: float
         await asyncio.gather(*(loop(3, time.monotonic() + cap) for _ in range(concurrency)))
         latencies.clear()
         errors = 0
-        before, cpu_before = srv.aof_bytes(), srv.cpu_seconds()
+        before, cpu_before, own_before = srv.aof_bytes(), srv.cpu_seconds(), time.process_time()
         delayed_before = int((await r.info("persistence")).get("aof_delayed_fsync", 0))
         started = time.perf_counter()
         deadline = time.monotonic() + cap
         await asyncio.gather(*(loop(total // concurrency, deadline) for _ in range(concurrency)))
         seconds = time.perf_counter() - started
         grown, cpu = srv.aof_bytes() - before, srv.cpu_seconds() - cpu_before
+        own = time.process_time() - own_before
         delayed = int((await r.info("persistence")).get("aof_delayed_fsync", 0)) - delayed_before
     finally:
         await r.aclose()
@@ -278,6 +280,7 @@ async def submit_load(srv: RedisServer, concurrency: int, total: int, cap: float
         percentile(latencies, 0.99) * 1000,
         grown / len(latencies),
         cpu / len(latencies) * 1e6,
+        own / len(latencies) * 1e6,
         delayed,
     )
 
@@ -452,10 +455,11 @@ def main() -> int:
                     load = uvloop.run(submit_load(srv, concurrency, total, sizes.seconds))
                     loads.setdefault((setting, concurrency), []).append(load)
 
-    print(f"\n2. submit (chapter 02's SUBMIT script), median of {sizes.rounds} round(s)")
+    print(f"\n2. submit (chapter 02's SUBMIT script), the median of {sizes.rounds} round(s)")
+    print("   per submit: AOF bytes appended, CPU of redis-server and of this (client) process")
     print(
         f"   {'setting':<10}{'clients':>8}{'submits':>9}{'rate /s':>9}{'p50 ms':>8}{'p99 ms':>8}"
-        f"{'AOF B/job':>10}{'Redis CPU us':>13}  rates of every round"
+        f"{'AOF B':>7}{'CPU us: Redis':>14}{'client':>7}  rates of every round"
     )
     failures: list[str] = []
     chosen: dict[tuple[str, int], Load] = {}
@@ -464,7 +468,8 @@ def main() -> int:
         rates = ", ".join(f"{run.rate:.0f}" for run in runs)
         print(
             f"   {setting:<10}{concurrency:>8}{m.submits:>9}{m.rate:>9.0f}{m.p50_ms:>8.2f}"
-            f"{m.p99_ms:>8.2f}{m.aof_bytes_per_submit:>10.0f}{m.server_cpu_us:>13.0f}  {rates}"
+            f"{m.p99_ms:>8.2f}{m.aof_bytes_per_submit:>7.0f}{m.server_cpu_us:>14.0f}"
+            f"{m.client_cpu_us:>7.0f}  {rates}"
         )
         failures += [f"{setting} c{concurrency}: {run.errors} errors" for run in runs if run.errors]
     delayed = sum(run.delayed_fsyncs for runs in loads.values() for run in runs)
@@ -514,6 +519,7 @@ def main() -> int:
         headline[f"{setting}_c{concurrency}_p50_ms"] = round(m.p50_ms, 2)
         headline[f"{setting}_c{concurrency}_p99_ms"] = round(m.p99_ms, 2)
         headline[f"{setting}_c{concurrency}_redis_cpu_us"] = round(m.server_cpu_us)
+        headline[f"{setting}_c{concurrency}_client_cpu_us"] = round(m.client_cpu_us)
     for setting, kills in by_setting.items():
         headline[f"{setting}_sigkill_acked"] = sum(c.acked for c in kills)
         headline[f"{setting}_sigkill_lost"] = sum(c.lost for c in kills)
