@@ -7,7 +7,7 @@ a free port) and measures with an aiohttp client:
   - GET /health at concurrency 1 (one every 10 ms), first idle, then while one client keeps a
     slow GET /infer (an ImageNet model from chapter 05, on a fixed random image) always running.
 Before the servers, it times the hop alone: the Iris model called directly, through a thread
-pool and through a process pool, in this process, no HTTP.
+pool (an executor; Starlette's run_in_threadpool) and through a process pool, no HTTP.
 
     ../.venv/bin/python bench_event_loop.py           # the full run, about 3 minutes
     ../.venv/bin/python bench_event_loop.py --quick   # the same code paths, tiny counts (CI)
@@ -42,6 +42,7 @@ import onnxruntime as ort
 import uvicorn
 from numpy.typing import NDArray
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -67,7 +68,7 @@ class Counts:
     models: tuple[str, ...]
 
 
-FULL = Counts(20_000, 2_000, 3.0, 12.0, ("efficientnet_lite0", "resnet50"))
+FULL = Counts(5_000, 2_000, 3.0, 12.0, ("efficientnet_lite0", "resnet50"))
 QUICK = Counts(500, 50, 0.3, 1.0, ("efficientnet_lite0",))
 
 
@@ -319,7 +320,8 @@ async def timed_awaits(call: Callable[[], Awaitable[object]], n: int) -> list[fl
 
 
 async def hop(n: int) -> dict[str, list[float]]:
-    """The Iris model per call: called directly (what 04 does), then through each pool."""
+    """The Iris model per call: called directly (what 04 does), then through a thread pool
+    (an executor, as 05's proxy uses, and Starlette's run_in_threadpool), then a process pool."""
     session = open_session(IRIS)
     loop = asyncio.get_running_loop()
     direct = partial(iris_predict, session, IRIS_ROW)
@@ -328,6 +330,9 @@ async def hop(n: int) -> dict[str, list[float]]:
     with ThreadPoolExecutor(POOL_SIZE) as threads:
         await timed_awaits(lambda: loop.run_in_executor(threads, direct), 100)
         result["thread"] = await timed_awaits(lambda: loop.run_in_executor(threads, direct), n)
+    # What a plain `def` endpoint gets from Starlette: anyio's worker threads (40 at most).
+    await timed_awaits(lambda: run_in_threadpool(direct), 100)
+    result["run_in_threadpool"] = await timed_awaits(lambda: run_in_threadpool(direct), n)
     with process_pool({"iris": IRIS}) as processes:
         remote = partial(iris_in_worker, IRIS_ROW)
         await timed_awaits(lambda: loop.run_in_executor(processes, remote), 100)
@@ -449,7 +454,8 @@ def main() -> int:
     started = time.perf_counter()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"bench_event_loop {'--quick ' if args.quick else ''}{when}, {machine()}")
-    result: dict[str, object] = {"quick": args.quick, **asyncio.run(bench(counts))}
+    result: dict[str, object] = {"quick": args.quick, "when": when, "machine": machine()}
+    result.update(asyncio.run(bench(counts)))
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(f"\ntook {result['seconds']} s")
     print(json.dumps(result))

@@ -356,6 +356,8 @@ def main() -> int:
     print(f"bench_threads {'--quick ' if args.quick else ''}{when}, {machine()}")
     result = {
         "quick": args.quick,
+        "when": when,
+        "machine": machine(),
         "gil": gil(counts),
         "intra_vs_processes": intra_vs_processes(counts),
         "pool_size": pool_size(counts),
