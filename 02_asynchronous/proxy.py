@@ -65,7 +65,7 @@ PRIORITIES = ("normal", "high")
 RETRY_AFTER = 5  # seconds a client is told to wait when the queue is full
 # Need no API key: probes, and the API's description. Not /metrics: it tells anyone the traffic;
 # Prometheus sends the key (`authorization` in its scrape config).
-OPEN_PATHS = ("/health", "/openapi.json")
+OPEN_PATHS = ("/health", "/ready", "/openapi.json")
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # others: "other"
 
 ROW = {
@@ -282,6 +282,7 @@ def create_app(settings: Settings) -> ASGIApp:
         Route("/job/{job_id}", cancel_job, methods=["DELETE"]),
         Route("/jobs", list_jobs, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
         Route("/metadata", metadata, methods=["GET"]),
         # Neither is part of the API the document describes (nor fuzzed as such).
         Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
@@ -527,6 +528,33 @@ async def list_jobs(request: Request) -> JSONResponse:
     return JSONResponse({"total": total, "offset": offset, "limit": limit, "jobs": jobs})
 
 
+async def redis_component(request: Request) -> str:
+    try:
+        await request.app.state.store.redis.ping()
+    except RedisError as e:
+        log.warning("health: redis unavailable", extra={"error": str(e)})
+        return "error: unavailable"
+    return "ok"
+
+
+async def tf_serving_component(request: Request) -> str:
+    try:
+        async with request.app.state.http.get(request.app.state.tf_url) as response:
+            states = [v["state"] for v in (await response.json())["model_version_status"]]
+    except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError) as e:
+        log.warning("health: tensorflow serving unavailable", extra={"error": repr(e)})
+        return "error: unavailable"
+    return "ok" if "AVAILABLE" in states else f"error: model state {states}"
+
+
+def health_answer(components: dict[str, str]) -> JSONResponse:
+    healthy = all(v == "ok" for v in components.values())
+    return JSONResponse(
+        {"status": "healthy" if healthy else "unhealthy", "components": components},
+        status_code=200 if healthy else 503,
+    )
+
+
 async def health(request: Request) -> JSONResponse:
     """
     summary: Redis and TensorFlow Serving reachable, the model AVAILABLE
@@ -538,25 +566,29 @@ async def health(request: Request) -> JSONResponse:
         description: a component is failing; it is named
         content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
     """
-    components = {"redis": "ok", "tensorflow_serving": "ok"}
-    try:
-        await request.app.state.store.redis.ping()
-    except RedisError as e:
-        log.warning("health: redis unavailable", extra={"error": str(e)})
-        components["redis"] = "error: unavailable"
-    try:
-        async with request.app.state.http.get(request.app.state.tf_url) as response:
-            states = [v["state"] for v in (await response.json())["model_version_status"]]
-        if "AVAILABLE" not in states:
-            components["tensorflow_serving"] = f"error: model state {states}"
-    except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError) as e:
-        log.warning("health: tensorflow serving unavailable", extra={"error": repr(e)})
-        components["tensorflow_serving"] = "error: unavailable"
-    healthy = all(v == "ok" for v in components.values())
-    return JSONResponse(
-        {"status": "healthy" if healthy else "unhealthy", "components": components},
-        status_code=200 if healthy else 503,
+    return health_answer(
+        {
+            "redis": await redis_component(request),
+            "tensorflow_serving": await tf_serving_component(request),
+        }
     )
+
+
+async def ready(request: Request) -> JSONResponse:
+    """
+    summary: this proxy can accept jobs (Redis answers); the readiness probe
+    description: >
+      A submit needs Redis only. While TensorFlow Serving is down, jobs wait in the queue and
+      complete when it returns, so an outage of it must not take the proxies out of service.
+    responses:
+      200:
+        description: ready
+        content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
+      503:
+        description: Redis is not answering
+        content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
+    """
+    return health_answer({"redis": await redis_component(request)})
 
 
 async def metadata(request: Request) -> JSONResponse:

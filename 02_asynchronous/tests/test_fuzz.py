@@ -25,7 +25,7 @@ def test_the_proxy_answers_as_documented(db: redis.Redis, procs: Processes, env:
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result  # the proxy's own schema must be valid
         operations.append(result.ok())
-    assert len(operations) == 7
+    assert len(operations) == 8
     counts: Counter[str] = Counter()
     for operation in operations:
         cases = st.one_of(

@@ -101,12 +101,17 @@ def test_redis_stopped_is_503_quickly_and_recovers(procs: Processes) -> None:
     assert http("POST", f"{url}/predict", {"data": [ROW]})[0] == 202
 
     redis_proc.stop()
-    for path, method in (("/predict", "POST"), ("/health", "GET"), ("/job/x", "GET")):
+    for path, method in (
+        ("/predict", "POST"),
+        ("/health", "GET"),
+        ("/ready", "GET"),
+        ("/job/x", "GET"),
+    ):
         started = time.monotonic()
         status, answer = http(method, f"{url}{path}", {"data": [ROW]} if method == "POST" else None)
         assert status == 503, (path, answer)
         assert time.monotonic() - started < 3, path
-        if path == "/health":
+        if path in ("/health", "/ready"):
             assert answer["components"]["redis"].startswith("error")
         else:
             assert "redis unavailable" in answer["detail"]
@@ -230,6 +235,7 @@ def test_api_key_guards_every_endpoint_but_health(db: redis.Redis, procs: Proces
     assert request_with(f"{url}/jobs", good) == 200
     assert request_with(f"{url}/job/x", good) == 404
     assert request_with(f"{url}/health", {}) == 503  # open (and TF Serving is not there)
+    assert request_with(f"{url}/ready", {}) == 200  # open: the readiness probe sends no key
     assert request_with(f"{url}/openapi.json", {}) == 200  # open: it holds no data
     request = urllib.request.Request(f"{url}/predict/test", method="POST")
     with pytest.raises(urllib.error.HTTPError) as error:
@@ -247,6 +253,7 @@ def test_openapi_describes_every_route(db: redis.Redis, proxy: str) -> None:
         "/job/{job_id}",
         "/jobs",
         "/health",
+        "/ready",
         "/metadata",
     }
     assert set(schema["paths"]["/job/{job_id}"]) == {"get", "delete"}

@@ -120,6 +120,11 @@ def test_jobs_wait_while_tf_serving_is_down(db: redis.Redis, procs: Processes) -
 
     tf.stop()
     assert http("GET", f"{base_url(env)}/health")[0] == 503
+    # Still ready: the queue takes the jobs while TF Serving is down (the readiness probe).
+    assert http("GET", f"{base_url(env)}/ready") == (
+        200,
+        {"status": "healthy", "components": {"redis": "ok"}},
+    )
     ids = submit_many(env, [{"data": [VIRGINICA]}] * 20)
     time.sleep(3)  # the worker tries, gives the jobs back, backs off, tries again
     statuses = db.mget([f"job:{i}:status" for i in ids])
