@@ -118,7 +118,9 @@ def test_walkthrough_gives_the_readme_answers() -> None:
             assert got == shown
         else:
             key = "outputs" if "outputs" in shown else "predictions"
-            np.testing.assert_allclose(got[key], shown[key], rtol=1e-6)
+            # The same probabilities to 7 decimals: float32 softmax on another CPU (oneDNN picks
+            # its kernels by instruction set) moves a 1e-6 probability in its 6th digit.
+            np.testing.assert_allclose(got[key], shown[key], rtol=1e-5, atol=1e-7)
     for pattern in STATUS_ANSWERS:
         got, shown = answer_to(demo, pattern), answer_to(readme, pattern)
         assert got.splitlines()[0] == shown.splitlines()[0]
