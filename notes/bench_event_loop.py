@@ -437,6 +437,11 @@ async def bench(counts: Counts) -> dict[str, object]:
     return result
 
 
+def load() -> float:
+    """The 1-minute load average: other programs' work on this shared machine shows here."""
+    return round(os.getloadavg()[0], 2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: checks it runs")
@@ -451,12 +456,15 @@ def main() -> int:
         serve(args.mode, args.model)
         return 0
     counts = QUICK if args.quick else FULL
+    start_load = load()
     started = time.perf_counter()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"bench_event_loop {'--quick ' if args.quick else ''}{when}, {machine()}")
+    print(f"load average at the start: {start_load}")
     result: dict[str, object] = {"quick": args.quick, "when": when, "machine": machine()}
     result.update(asyncio.run(bench(counts)))
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["load_average_start_end"] = [start_load, load()]
     print(f"\ntook {result['seconds']} s")
     print(json.dumps(result))
     return 0

@@ -5,7 +5,7 @@
 2. intra_op_num_threads against more processes, with chapter 05's two ImageNet models.
 3. A thread pool's size against throughput and latency, with 16 requests always in flight.
 
-    ../.venv/bin/python bench_threads.py           # the full run, about 3 minutes
+    ../.venv/bin/python bench_threads.py           # the full run, about 4 minutes
     ../.venv/bin/python bench_threads.py --quick   # the same code paths, tiny counts (CI)
 
 Every measurement runs for a fixed time after a warm-up and counts the calls that finished.
@@ -23,12 +23,14 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -65,10 +67,13 @@ class Counts:
     model_s: dict[str, float]
     pool_s: float
     models: tuple[str, ...]
+    rounds: int  # each figure is the median of this many rounds, run in turn
 
 
-FULL = Counts(4.0, {"efficientnet_lite0": 6.0, "resnet50": 10.0}, 8.0, IMAGE_MODELS)
-QUICK = Counts(0.3, {"efficientnet_lite0": 0.5}, 0.5, (PROXY_MODEL,))
+FULL = Counts(2.0, {"efficientnet_lite0": 3.0, "resnet50": 5.0}, 4.0, IMAGE_MODELS, 3)
+QUICK = Counts(0.3, {"efficientnet_lite0": 0.5}, 0.5, (PROXY_MODEL,), 1)
+K = TypeVar("K")
+R = TypeVar("R")
 
 
 def python_task() -> int:
@@ -192,6 +197,19 @@ def in_processes(name: str, workers: int, seconds: float, intra: int = 1) -> lis
                 p.join()
 
 
+def in_rounds(
+    measures: Mapping[K, Callable[[], R]], rounds: int, rate: Callable[[R], float]
+) -> dict[K, R]:
+    """Every measurement `rounds` times, in turn (a b c a b c ...), keeping each one's median
+    round by rate: a burst of other work on this shared machine then spoils one round of each
+    measurement, not every round of one."""
+    results: dict[K, list[R]] = {key: [] for key in measures}
+    for _ in range(rounds):
+        for key, measure in measures.items():
+            results[key].append(measure())
+    return {key: sorted(runs, key=rate)[len(runs) // 2] for key, runs in results.items()}
+
+
 def ms(seconds: float) -> float:
     return round(1000 * seconds, 2)
 
@@ -232,11 +250,12 @@ def gil(counts: Counts) -> dict[str, dict[str, float]]:
     figures: dict[str, dict[str, float]] = {}
     for name in ("python", "numpy", PROXY_MODEL):
         task = make_task(name)
-        runs = {
-            "1 thread": in_threads(task, 1, counts.gil_s),
-            "2 threads": in_threads(task, 2, counts.gil_s),
-            "2 processes": in_processes(name, 2, counts.gil_s),
+        measures: dict[str, Callable[[], list[Timing]]] = {
+            "1 thread": partial(in_threads, task, 1, counts.gil_s),
+            "2 threads": partial(in_threads, task, 2, counts.gil_s),
+            "2 processes": partial(in_processes, name, 2, counts.gil_s),
         }
+        runs = in_rounds(measures, counts.rounds, total_rate)
         base = total_rate(runs["1 thread"])
         figures[name] = {"calls_per_s_1_thread": round(base, 1)}
         for how, timings in runs.items():
@@ -260,8 +279,10 @@ def intra_vs_processes(counts: Counts) -> dict[str, dict[str, dict[str, float]]]
     figures: dict[str, dict[str, dict[str, float]]] = {}
     for name in counts.models:
         figures[name] = {}
-        for processes, intra in ((1, 1), (1, 2), (2, 1), (2, 2)):
-            timings = in_processes(name, processes, counts.model_s[name], intra)
+        seconds = counts.model_s[name]
+        configs = ((1, 1), (1, 2), (2, 1), (2, 2))
+        measures = {c: partial(in_processes, name, c[0], seconds, c[1]) for c in configs}
+        for (processes, intra), timings in in_rounds(measures, counts.rounds, total_rate).items():
             lat = all_latencies(timings)
             rate = round(total_rate(timings), 1)
             p50, p99 = pct(lat, 50), pct(lat, 99)
@@ -309,8 +330,12 @@ def pool_size(counts: Counts) -> dict[str, dict[str, float]]:
     task = make_task(PROXY_MODEL)
     rows: list[list[object]] = []
     figures: dict[str, dict[str, float]] = {}
-    for size in POOL_SIZES:
-        rate, lat, in_model = asyncio.run(through_pool(task, size, POOL_CLIENTS, counts.pool_s))
+
+    def measure(size: int) -> tuple[float, list[float], list[float]]:
+        return asyncio.run(through_pool(task, size, POOL_CLIENTS, counts.pool_s))
+
+    measures = {size: partial(measure, size) for size in POOL_SIZES}
+    for size, (rate, lat, in_model) in in_rounds(measures, counts.rounds, lambda r: r[0]).items():
         model_ms, mean_ms = ms(statistics.fmean(in_model)), ms(statistics.fmean(lat))
         p50, p99 = pct(lat, 50), pct(lat, 99)
         little = ms(POOL_CLIENTS / rate)  # Little's law: in flight / throughput
@@ -345,15 +370,22 @@ def machine() -> str:
     )
 
 
+def load() -> float:
+    """The 1-minute load average: other programs' work on this shared machine shows here."""
+    return round(os.getloadavg()[0], 2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: checks it runs")
     args = parser.parse_args()
     counts = QUICK if args.quick else FULL
     limit_blas()
+    start_load = load()
     started = time.perf_counter()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"bench_threads {'--quick ' if args.quick else ''}{when}, {machine()}")
+    print(f"load average at the start: {load()}; each figure: the median of {counts.rounds} rounds")
     result = {
         "quick": args.quick,
         "when": when,
@@ -363,6 +395,7 @@ def main() -> int:
         "pool_size": pool_size(counts),
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["load_average_start_end"] = [start_load, load()]
     print(f"\ntook {result['seconds']} s")
     print(json.dumps(result))
     return 0
