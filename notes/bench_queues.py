@@ -1,6 +1,6 @@
 """What Redis's persistence settings cost a submit, and what they keep when Redis dies.
 
-    python bench_queues.py            # the full run behind notes/queues.md (about 3 minutes)
+    python bench_queues.py            # the full run behind notes/queues.md (about 1.5 minutes)
     python bench_queues.py --quick    # tiny counts, under a minute: it works, not how fast
 
 Every measurement runs against a redis-server this script starts itself, on a free loopback
