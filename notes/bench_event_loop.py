@@ -9,7 +9,7 @@ a free port) and measures with an aiohttp client:
 Before the servers, it times the hop alone: the Iris model called directly, through a thread
 pool (an executor; Starlette's run_in_threadpool) and through a process pool, no HTTP.
 
-    ../.venv/bin/python bench_event_loop.py           # the full run, about 3 minutes
+    ../.venv/bin/python bench_event_loop.py           # the full run, about 2 minutes
     ../.venv/bin/python bench_event_loop.py --quick   # the same code paths, tiny counts (CI)
     ../.venv/bin/python bench_event_loop.py serve --mode thread --model efficientnet_lite0
                                                       # one server alone (prints its port)
