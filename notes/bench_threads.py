@@ -178,12 +178,17 @@ def in_processes(name: str, workers: int, seconds: float, intra: int = 1) -> lis
     try:
         for p in processes:
             p.start()
-        timings = []
-        for _ in processes:
+        timings: list[Timing] = []
+        deadline = time.monotonic() + seconds + 180
+        while len(timings) < workers:
             try:
-                calls, spent, latencies = results.get(timeout=seconds + 180)
-            except queue.Empty as exc:
-                raise RuntimeError(f"{name}: a worker process sent no result") from exc
+                calls, spent, latencies = results.get(timeout=1)
+            except queue.Empty:
+                # A worker that died (a missing model, say) fails the run now, not at the deadline.
+                failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: worker processes failed ({failed})") from None
+                continue
             timings.append(Timing(calls, spent, latencies))
         for p in processes:
             p.join(timeout=30)
