@@ -1,6 +1,7 @@
 # Top-level commands. Each chapter also has its own Makefile with run, demo, test and bench.
 #   make demo    set up .venv if missing, then run every chapter's walkthrough end to end
-#   make test    set up .venv if missing, then run the models' tests and every chapter's tests
+#   make test    set up .venv if missing, then the models' tests, the notes' scripts in their quick
+#                mode, and every chapter's tests
 #   make containers  every chapter's compose stack up for real, checked, and down (needs root)
 #   make lint    ruff check, ruff format --check, and mypy per chapter (make typecheck)
 #   make setup | bench | models
@@ -38,13 +39,14 @@ lint: setup typecheck
 # One mypy run per chapter, that chapter as the root (chapters reuse module names); settings in
 # pyproject.toml.
 typecheck: setup
-	@failed=(); for c in $(CHAPTERS); do \
+	@failed=(); for c in $(CHAPTERS) notes; do \
 		echo "=== mypy $$c"; (cd $$c && ../$(PY) -m mypy --config-file ../pyproject.toml .) || failed+=($$c); \
 	done; [ $${#failed[@]} -eq 0 ] || { echo "mypy FAILED: $${failed[*]}"; exit 1; }
 
 # Each chapter runs in its own process: chapters reuse module names such as proxy.py.
 test: setup models
 	cd models && ../$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory -C notes check
 	@$(MAKE) --no-print-directory each TARGET=test
 
 demo: setup models
