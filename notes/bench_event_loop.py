@@ -23,14 +23,13 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -39,8 +38,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import onnxruntime as ort
+import report
 import uvicorn
 from numpy.typing import NDArray
+from report import table
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -350,29 +351,8 @@ def pct(samples: list[float], q: int, scale: float = 1000) -> float:
     return round(scale * statistics.quantiles(samples, n=100, method="inclusive")[q - 1], 2)
 
 
-def table(title: str, header: list[str], rows: Sequence[Sequence[object]]) -> None:
-    """A plain-text table: the first column left-aligned, the figures right-aligned."""
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for i, row in enumerate(cells):
-        padded = [
-            c.ljust(w) if j == 0 else c.rjust(w)
-            for j, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        print("  ".join(padded))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    cpu = names[0] if names else platform.machine()
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-        f"onnxruntime {ort.__version__}, uvicorn {uvicorn.__version__}"
-    )
+    return report.machine(f"onnxruntime {ort.__version__}", f"uvicorn {uvicorn.__version__}")
 
 
 async def bench(counts: Counts) -> dict[str, object]:

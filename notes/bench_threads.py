@@ -17,13 +17,12 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +33,8 @@ from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
+import report
+from report import table
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 HERE = Path(__file__).resolve().parent
@@ -234,21 +235,6 @@ def all_latencies(timings: list[Timing]) -> list[float]:
     return [x for t in timings for x in t.latencies]
 
 
-def table(title: str, header: list[str], rows: Sequence[Sequence[object]]) -> None:
-    """A plain-text table: the first column left-aligned, the figures right-aligned."""
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for i, row in enumerate(cells):
-        padded = [
-            c.ljust(w) if j == 0 else c.rjust(w)
-            for j, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        print("  ".join(padded))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def gil(counts: Counts) -> dict[str, dict[str, float]]:
     """The same task in 1 thread, 2 threads of one process, and 2 processes: calls per second."""
     rows: list[list[object]] = []
@@ -364,15 +350,7 @@ def pool_size(counts: Counts) -> dict[str, dict[str, float]]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    if names:
-        cpu = names[0]
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-        f"onnxruntime {ort.__version__}, numpy {np.__version__}"
-    )
+    return report.machine(f"onnxruntime {ort.__version__}", f"numpy {np.__version__}")
 
 
 def load() -> float:
